@@ -1,0 +1,290 @@
+"""Typed job configuration: TOML file -> nested dataclasses, with `--section.key=value` overrides.
+
+Every section is a dataclass whose fields carry a one-line docstring-style comment. Unknown keys, wrong
+types and inconsistent values are refused with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mor_pretrain.models.mor import ModelArgs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 100  # optimizer steps to run
+    global_batch_size: int = 8  # sequences per optimizer step, across all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 256  # tokens per sequence (the model sees seq_len, predicts seq_len)
+    seed: int = 0  # seed for weights, data order and routing noise
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # parameter dtype for compute (autocast/FSDP)
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact resume tests
+    nonfinite: Literal["skip", "stop"] = "stop"  # what a NaN/inf loss or grad norm does
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3  # peak learning rate (paper: 3e-3)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay for matrices
+    decay_norms_and_embeddings: bool = False  # also decay norms, biases and embeddings
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"  # warmup-stable-decay (trapezoid) or cosine
+    warmup_fraction: float = 0.05  # fraction of steps spent warming up
+    decay_fraction: float = 0.2  # wsd: fraction of steps in the final linear decay
+    min_lr_ratio: float = 0.0  # lr at the end of decay, as a fraction of peak
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two values in [0, 1), got {self.betas}")
+        for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"optimizer.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ConfigError("optimizer.warmup_fraction + optimizer.decay_fraction must be <= 1")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["data/corpus/train/*.jsonl"])  # files, globs or dirs
+    weights: list[float] = field(default_factory=list)  # mixing weight per source; empty = uniform
+    val_sources: list[str] = field(default_factory=lambda: ["data/corpus/val/*.jsonl"])  # held-out split
+    format: Literal["auto", "text", "jsonl", "parquet", "tokens"] = "auto"  # auto: by file suffix
+    text_field: str = "text"  # jsonl field / parquet column holding the text
+    doc_separator: str = ""  # text files: split documents on this line; empty = one document per file
+    tokenizer: str = "default"  # SentencePiece model path; "default" = mistral-common's 32k model
+    vocab_multiple: int = 64  # pad the embedding size up to a multiple of this
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True  # shuffle shard order and use a shuffle buffer
+    shuffle_buffer: int = 64  # windows held in the shuffle buffer
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources must name at least one file, glob or directory")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ConfigError(
+                f"data.weights has {len(self.weights)} entries but data.sources has {len(self.sources)}"
+            )
+        if any(w <= 0 for w in self.weights):
+            raise ConfigError(f"data.weights must all be > 0, got {self.weights}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ParallelismConfig:
+    dp_replicate: int = 1  # replicas of the model (HSDP outer dimension)
+    dp_shard: int = -1  # FSDP2 shard degree; -1 = whatever the world size leaves
+    tp: int = 1  # tensor-parallel degree
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward
+    param_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # FSDP2 mixed precision: compute dtype
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # FSDP2 mixed precision: gradient reduction
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute policy
+    compile: bool = False  # torch.compile each block (regional)
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallelism.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallelism.dp_shard must be >= 1 or -1, got {self.dp_shard}")
+
+
+@dataclass
+class CheckpointConfig:
+    folder: str = "checkpoints"  # under the run folder
+    interval: int = 0  # save every N steps; 0 = only at the end
+    keep_latest: int = 2  # complete checkpoints to keep
+    async_save: bool = False  # write with dcp.async_save while training continues
+    load_step: int = -1  # -1 = resume from the latest complete checkpoint, if any
+    export_bf16: bool = True  # write weights-only bf16 at the end
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_latest < 1:
+            raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_latest >= 1")
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 10  # steps between log lines (the only host syncs in the loop)
+    tensorboard: bool = True  # write scalars to <run_dir>/tb
+    peak_tflops: float = 0.0  # bf16 dense peak per device; 0 = look the device up by name
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"metrics.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass
+class JobConfig:
+    name: str = "debug"  # run name; logs go to <run_root>/<name>
+    run_root: str = "runs"  # parent folder of run folders
+    model: ModelArgs = field(default_factory=ModelArgs)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                try:
+                    section.validate()
+                except ValueError as e:
+                    msg = str(e)
+                    raise ConfigError(msg if msg.startswith(f.name) else f"{f.name}: {msg}") from None
+        t = self.training
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size ({t.micro_batch_size})"
+            )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"[{prefix[:-1]}]" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} in {where}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a table [{prefix}{name}]")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.split("."), value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults, then the TOML file, then `--section.key=value` overrides; validated."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for arg in overrides or []:
+        keys, value = _parse_override(arg)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        cfg = _build(JobConfig, data, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def dump_toml(cfg: Any) -> str:
+    """Write a config back as TOML (the resolved config stored in each run folder)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top, tables = [], []
+    for k, v in config_to_dict(cfg).items():
+        if isinstance(v, dict):
+            body = "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None)
+            tables.append(f"[{k}]\n{body}\n")
+        elif v is not None:
+            top.append(f"{k} = {value(v)}")
+    return "\n".join(top) + "\n\n" + "\n".join(tables)

@@ -1,0 +1,475 @@
+"""The Mixture-of-Recursions model family: vanilla, fixed-depth recursive and MoR, from one module tree.
+
+Read top-down: ModelArgs -> MoRModel (embedding, unique first/last blocks, recursion stack, head) ->
+RecursionStack (the shared layers, the routers and the recursion loop) -> routers. The shared layers are
+ONE module applied `num_recursions` times, never aliased copies, so parallel wrappers see each parameter
+once. The model knows nothing of parallelism, data or training; it returns losses and routing statistics
+and never logs.
+
+Routing modes of `forward(..., routing=...)`:
+- "topk": expert choice as trained in the paper: each step keeps its top-k tokens per sequence (static k).
+  Top-k looks at the whole sequence, so this mode is NOT causal.
+- "causal": expert choice decided per token: continue at step r iff score >= threshold and the token
+  continued at step r-1. Used for evaluation and generation. Token-choice models route the same in both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mor_pretrain.models.layers import Block, RMSNorm, rope_table
+
+Sharing = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size padded to data.vocab_multiple
+    d_model: int = 576  # hidden size
+    n_layers: int = 30  # applied layers L, counting every recursion of the shared layers
+    n_heads: int = 9  # query heads
+    n_kv_heads: int = 3  # key/value heads (grouped-query attention)
+    d_ffn: int = 1536  # SwiGLU hidden size
+    max_seq_len: int = 2048  # longest sequence RoPE is tabulated for
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    init_std: float = 0.02  # std of input projections and embeddings; outputs use std/sqrt(2 L)
+    num_recursions: int = 1  # Nr; 1 = vanilla
+    sharing: Sharing = "middle_cycle"  # how applied layers map onto unique layers (MOR_FACTS s2)
+    router: Literal["none", "expert", "token"] = "none"  # none = vanilla / fixed-depth recursive
+    router_arch: Literal["linear", "mlp"] = "linear"  # mlp = Linear(d,d) -> GELU -> Linear(d,out)
+    router_alpha: float = 0.1  # gate scale: g = alpha * activation(logit)
+    router_activation: Literal["sigmoid", "softmax"] = "sigmoid"  # token choice may use softmax
+    capacities: list[float] = field(default_factory=list)  # expert choice, per step; empty = (Nr-r)/Nr
+    aux_loss_coef: float = 1e-3  # expert choice BCE on router logits vs top-k selection
+    z_loss_coef: float = 0.0  # router z-loss (paper final recipe: 0 for expert, 1e-5 for token)
+    aux_router: bool = False  # expert choice: a second router on detached states, used for causal mode
+    causal_threshold: float = 0.5  # expert choice causal mode: continue iff sigmoid(logit) >= this
+    balancing: Literal["loss", "loss_free"] = "loss"  # token choice load balancing
+    balance_loss_coef: float = 0.1  # token choice balancing loss coefficient
+    bias_update_rate: float = 1e-3  # token choice loss-free bias step u
+    kv_mode: Literal["recursion", "share"] = "recursion"  # recursion-wise KV or reuse step-0 K/V
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def middle(self) -> bool:
+        return self.sharing.startswith("middle")
+
+    @property
+    def num_shared(self) -> int:
+        """Unique layers inside the recursion stack (the paper's `base`)."""
+        inner = self.n_layers - 2 if self.middle else self.n_layers
+        return inner // self.num_recursions
+
+    @property
+    def step_capacities(self) -> list[float]:
+        if self.router != "expert":
+            return [1.0] * self.num_recursions
+        if self.capacities:
+            return list(self.capacities)
+        n = self.num_recursions
+        return [(n - r) / n for r in range(n)]
+
+    def tokens_per_step(self, seq_len: int) -> list[int]:
+        """Static top-k sizes per recursion step for a sequence of seq_len tokens."""
+        return [max(1, int(c * seq_len)) for c in self.step_capacities]
+
+    def layer_map(self) -> list[int]:
+        """Unique-layer index used by each applied layer, numbering first=0, shared 1.., last=base+1."""
+        L, nr, base = self.n_layers, self.num_recursions, self.num_shared
+        if self.sharing == "cycle":
+            return [i % base for i in range(L)]
+        if self.sharing == "sequence":
+            return [i // nr for i in range(L)]
+        inner = range(1, L - 1)
+        if self.sharing == "middle_cycle":
+            mid = [(i - 1) % base + 1 for i in inner]
+        else:
+            mid = [(i - 1) // nr + 1 for i in inner]
+        return [0, *mid, base + 1]
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"model.{key}: {msg}")
+
+        if self.vocab_size < 0:
+            bad("vocab_size", f"must be >= 0 (0 = from the tokenizer), got {self.vocab_size}")
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ffn", "max_seq_len"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.d_model % self.n_heads:
+            bad("n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            bad("n_heads", f"head_dim={self.head_dim} must be even for RoPE")
+        nr = self.num_recursions
+        if nr < 1:
+            bad("num_recursions", f"must be >= 1, got {nr}")
+        inner = self.n_layers - 2 if self.middle else self.n_layers
+        if inner < nr or inner % nr:
+            what = "n_layers - 2" if self.middle else "n_layers"
+            bad("n_layers", f"{what} = {inner} must be a positive multiple of num_recursions={nr}")
+        if self.router != "none":
+            if nr < 2:
+                bad("router", f"routing needs num_recursions >= 2, got {nr}")
+            if self.sharing not in ("cycle", "middle_cycle"):
+                bad("sharing", f"routing runs over passes through the shared stack; use cycle or "
+                    f"middle_cycle, not {self.sharing}")
+        if self.kv_mode == "share" and (nr < 2 or self.sharing not in ("cycle", "middle_cycle")):
+            bad("kv_mode", "KV sharing needs num_recursions >= 2 and cycle or middle_cycle sharing")
+        if self.capacities:
+            if self.router != "expert":
+                bad("capacities", "only expert-choice routing uses capacities")
+            if len(self.capacities) != nr:
+                bad("capacities", f"needs {nr} values (one per recursion), got {len(self.capacities)}")
+            if any(not 0.0 < c <= 1.0 for c in self.capacities):
+                bad("capacities", f"each must be in (0, 1], got {self.capacities}")
+            if any(b > a for a, b in zip(self.capacities, self.capacities[1:])):
+                bad("capacities", f"must be non-increasing, got {self.capacities}")
+        if self.router == "expert" and self.router_activation != "sigmoid":
+            bad("router_activation", "expert choice uses sigmoid scores")
+        if not 0.0 < self.causal_threshold < 1.0:
+            bad("causal_threshold", f"must be in (0, 1), got {self.causal_threshold}")
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # lm_loss + every auxiliary loss (already weighted)
+    lm_loss: torch.Tensor | None  # mean cross-entropy over non-ignored labels
+    logits: torch.Tensor | None  # (batch, seq, vocab)
+    aux_losses: dict[str, torch.Tensor]  # weighted auxiliary terms, by name
+    stats: dict[str, torch.Tensor]  # detached routing statistics, by name
+    depth: torch.Tensor | None  # (batch, seq) recursion steps each token ran; None without routing
+
+
+class Router(nn.Module):
+    """Scores tokens: Linear(d, out) or a two-layer MLP."""
+
+    def __init__(self, dim: int, out: int, arch: str):
+        super().__init__()
+        if arch == "mlp":
+            self.net: nn.Module = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.GELU(), nn.Linear(dim, out, bias=False))
+        else:
+            self.net = nn.Linear(dim, out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()
+
+    def init_weights(self, std: float) -> None:
+        for m in self.net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of x (batch, seq, dim) at idx (batch, k), keeping idx order."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _causal_key_mask(keys: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, T, T) mask: query i may attend key j iff j <= i and keys[:, j]; the diagonal is always
+    allowed so rows of inactive queries (whose outputs are discarded) never become NaN."""
+    t = keys.shape[1]
+    eye = torch.eye(t, dtype=torch.bool, device=keys.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=keys.device).tril()
+    return ((causal & keys[:, None, :]) | eye).unsqueeze(1)
+
+
+class RecursionStack(nn.Module):
+    """The shared layers, their routers and the recursion loop: one module, applied Nr times."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.layers = nn.ModuleList(
+            Block(args.d_model, args.n_heads, args.n_kv_heads, args.d_ffn, args.norm_eps)
+            for _ in range(args.num_shared)
+        )
+        nr = args.num_recursions
+        self.routers = nn.ModuleList()
+        self.aux_routers = nn.ModuleList()
+        if args.router == "expert":
+            self.routers.extend(Router(args.d_model, 1, args.router_arch) for _ in range(nr))
+            if args.aux_router:
+                self.aux_routers.extend(Router(args.d_model, 1, args.router_arch) for _ in range(nr))
+        elif args.router == "token":
+            self.routers.append(Router(args.d_model, nr, args.router_arch))
+        # Loss-free balancing bias: selection only, never trained; updated after each optimizer step.
+        self.register_buffer("depth_bias", torch.zeros(nr if args.router == "token" else 0))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        for r in [*self.routers, *self.aux_routers]:
+            r.init_weights(std)
+        self.depth_bias.zero_()
+
+    def apply_once(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, kvs: list[KV] | None = None
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """One recursion step: every shared layer once. kvs: per-layer K/V to reuse (KV sharing)."""
+        out_kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, rope, mask, None if kvs is None else kvs[i])
+            out_kvs.append(kv)
+        return x, out_kvs
+
+    def forward(
+        self, h: torch.Tensor, rope: torch.Tensor, routing: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
+        """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, stats, depth."""
+        if self.args.router == "expert" and routing == "topk":
+            return self._expert_topk(h, rope)
+        if self.args.router == "none":
+            return self._dense(h, rope), {}, {}, None
+        return self._masked(h, rope)
+
+    def _dense(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        t = h.shape[1]
+        r = rope[:t][None, None]
+        nr = self.args.num_recursions
+        if self.args.sharing in ("sequence", "middle_sequence"):
+            for layer in self.layers:
+                for _ in range(nr):
+                    h, _ = layer(h, r)
+            return h
+        kvs0 = None
+        for step in range(nr):
+            share = self.args.kv_mode == "share" and step > 0
+            h, kvs = self.apply_once(h, r, None, kvs0 if share else None)
+            if step == 0:
+                kvs0 = kvs
+        return h
+
+    def _expert_topk(self, h: torch.Tensor, rope: torch.Tensor):
+        """Training-time expert choice: per-sequence top-k with hierarchical filtering and static k."""
+        a = self.args
+        b, t, _ = h.shape
+        ks = a.tokens_per_step(t)
+        idx: torch.Tensor | None = None  # (batch, n_candidates) original positions; None = all
+        depth = torch.zeros(b, t, dtype=torch.long, device=h.device)
+        kvs0, pos0 = None, None
+        bce = h.new_zeros((), dtype=torch.float32)
+        aux_bce = h.new_zeros((), dtype=torch.float32)
+        z = h.new_zeros((), dtype=torch.float32)
+        acc, s_sel, s_uns, dead = [], [], [], []
+        for step, k in enumerate(ks):
+            cand = h if idx is None else _gather(h, idx)
+            n_cand = cand.shape[1]
+            logits = self.routers[step](cand).squeeze(-1)  # (batch, n_candidates)
+            scores = torch.sigmoid(logits)
+            if k < n_cand:
+                top = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+                chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+                x = _gather(cand, top)
+                new_idx = top if idx is None else idx.gather(1, top)
+                gate = a.router_alpha * scores.gather(1, top)
+            else:
+                chosen = torch.ones_like(logits, dtype=torch.bool)
+                x, new_idx = cand, idx
+                gate = a.router_alpha * scores
+            target = chosen.float()
+            bce = bce + F.binary_cross_entropy_with_logits(logits, target)
+            z = z + logits.square().mean()
+            if len(self.aux_routers):
+                aux_logits = self.aux_routers[step](cand.detach()).squeeze(-1)
+                aux_bce = aux_bce + F.binary_cross_entropy_with_logits(aux_logits, target)
+            with torch.no_grad():
+                acc.append(((scores >= 0.5) == chosen).float().mean())
+                s_sel.append(scores[chosen].mean())
+                s_uns.append(scores[~chosen].mean() if k < n_cand else scores.new_full((), float("nan")))
+                dead.append((scores < 1e-2).float().mean())
+            pos = new_idx if new_idx is not None else torch.arange(t, device=h.device).expand(b, t)
+            step_rope = rope[pos].unsqueeze(1)  # (batch, 1, k, head_dim) at original positions
+            share = a.kv_mode == "share" and step > 0
+            mask = None
+            if share:
+                assert pos0 is not None
+                mask = (pos0[:, None, :] <= pos[:, :, None]).unsqueeze(1)
+            f, kvs = self.apply_once(x, step_rope, mask, kvs0 if share else None)
+            if step == 0:
+                kvs0, pos0 = kvs, pos
+            upd = x + gate.unsqueeze(-1).to(x.dtype) * f
+            if new_idx is None:
+                h = upd
+            else:
+                h = h.scatter(1, new_idx.unsqueeze(-1).expand_as(upd), upd)
+            depth = depth.scatter_add(1, pos, torch.ones_like(pos))
+            idx = new_idx
+        aux = {"router_bce": a.aux_loss_coef * bce}
+        if a.z_loss_coef:
+            aux["router_z"] = a.z_loss_coef * z
+        if len(self.aux_routers):
+            aux["aux_router_bce"] = aux_bce
+        stats = self._depth_stats(depth)
+        stats["sampling_acc"] = torch.stack(acc).mean()
+        stats["score_selected"] = torch.stack(s_sel).mean()
+        stats["score_unselected"] = torch.stack(s_uns).nanmean()
+        stats["dead_token_ratio"] = torch.stack(dead[1:] or dead).mean()
+        return h, aux, stats, depth
+
+    def _masked(self, h: torch.Tensor, rope: torch.Tensor):
+        """Per-token decisions (token choice; expert choice in causal mode) on the full sequence.
+
+        Every step runs on all positions with an attention mask restricted to the active tokens and
+        updates only active rows, so shapes stay static and causality is exact. The compute of inactive
+        rows is wasted; see docs/ARCHITECTURE.md.
+        """
+        a = self.args
+        b, t, _ = h.shape
+        nr = a.num_recursions
+        r_full = rope[:t][None, None]
+        aux: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
+        if a.router == "token":
+            logits = self.routers[0](h)  # (batch, seq, Nr)
+            probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
+            choice = (probs.detach() + self.depth_bias).argmax(-1)  # bias steers selection only
+            gate_tc = a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
+            load = F.one_hot(choice, nr).float().flatten(0, 1).sum(0)  # tokens per depth
+            if a.balancing == "loss":
+                frac = load / load.sum()
+                aux["balance"] = a.balance_loss_coef * (probs.flatten(0, 1).mean(0) * frac * nr).sum()
+            if a.z_loss_coef:
+                aux["router_z"] = a.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+            stats["tc_load"] = load.detach()
+            stats["maxvio"] = (load.max() / load.mean() - 1).detach()
+        active = torch.ones(b, t, dtype=torch.bool, device=h.device)
+        depth = torch.zeros(b, t, dtype=torch.long, device=h.device)
+        agree, kvs0, keys0 = [], None, None
+        caps = a.step_capacities
+        for step in range(nr):
+            if a.router == "token":
+                sel, gate = choice >= step, gate_tc
+                everyone = step == 0  # every token runs at least one step
+            else:
+                logits = self.routers[step](h)  # (batch, seq, 1)
+                gate = a.router_alpha * torch.sigmoid(logits)
+                decide = self.aux_routers[step](h.detach()) if len(self.aux_routers) else logits
+                score = torch.sigmoid(decide.squeeze(-1))
+                everyone = step == 0 and caps[0] == 1.0
+                if caps[step] < 1.0:
+                    sel = active & (score >= a.causal_threshold)
+                    with torch.no_grad():
+                        k = a.tokens_per_step(t)[step]
+                        top = score.masked_fill(~active, -1.0).topk(k, dim=1).indices
+                        topk_sel = torch.zeros_like(active).scatter(1, top, True) & active
+                        agree.append(((sel == topk_sel) & active).sum() / active.sum())
+                else:
+                    sel = active
+            share = a.kv_mode == "share" and step > 0
+            mask = None if everyone else _causal_key_mask(keys0 if share else sel)
+            f, kvs = self.apply_once(h, r_full, mask, kvs0 if share else None)
+            if step == 0:
+                kvs0, keys0 = kvs, sel
+            h = torch.where(sel.unsqueeze(-1), h + gate.to(h.dtype) * f, h)
+            depth = depth + sel.long()
+            active = sel
+        stats.update(self._depth_stats(depth))
+        if agree:
+            stats["topk_agreement"] = torch.stack(agree).mean()
+        return h, aux, stats, depth
+
+    def _depth_stats(self, depth: torch.Tensor) -> dict[str, torch.Tensor]:
+        counts = F.one_hot(depth.flatten(), self.args.num_recursions + 1).sum(0)
+        return {"tokens_per_depth": counts.detach(), "mean_depth": depth.float().mean().detach()}
+
+    @torch.no_grad()
+    def update_depth_bias(self, load: torch.Tensor) -> None:
+        """Loss-free balancing: push selection towards under-loaded depths. Call after optimizer.step()
+        with the load summed over the global batch, so every rank applies the same update."""
+        if self.args.router == "token" and self.args.balancing == "loss_free":
+            self.depth_bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
+
+
+class MoRModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        if args.vocab_size < 1:
+            raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
+        self.args = args
+        block = lambda: Block(args.d_model, args.n_heads, args.n_kv_heads, args.d_ffn, args.norm_eps)  # noqa: E731
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
+        self.first = block() if args.middle else None
+        self.stack = RecursionStack(args)
+        self.last = block() if args.middle else None
+        self.norm = RMSNorm(args.d_model, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.register_buffer("rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer (after `to_empty` from the meta device).
+
+        Embeddings and input projections: truncated normal, std = init_std. Output projections of
+        attention and FFN (wo, w2): std = init_std / sqrt(2 * n_layers), n_layers counting every
+        application, so the residual stream's variance does not grow with depth. Untied head: d^-0.5.
+        """
+        a = self.args
+        std, out_std = a.init_std, a.init_std / math.sqrt(2 * a.n_layers)
+        self.rope.copy_(rope_table(a.head_dim, a.max_seq_len, a.rope_theta, device=self.rope.device))
+        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        for blk in (self.first, self.last):
+            if blk is not None:
+                blk.init_weights(std, out_std)
+        self.stack.init_weights(std, out_std)
+        self.norm.init_weights()
+        if self.output is not None:
+            hs = a.d_model**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=hs, a=-3 * hs, b=3 * hs)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        routing: Literal["topk", "causal"] = "topk",
+        return_logits: bool = True,
+        ignore_index: int = -100,
+    ) -> ModelOutput:
+        """tokens, labels: (batch, seq) int64. labels equal to ignore_index are not scored."""
+        if routing not in ("topk", "causal"):
+            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        r = self.rope[:t][None, None]
+        if self.first is not None:
+            h, _ = self.first(h, r)
+        h, aux, stats, depth = self.stack(h, self.rope, routing)
+        if self.last is not None:
+            h, _ = self.last(h, r)
+        h = self.norm(h)
+        logits = F.linear(h, self.head_weight())
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+            loss = lm_loss + sum(aux.values()) if aux else lm_loss
+        return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, stats, depth)
+
+    def update_router_bias(self, load: torch.Tensor) -> None:
+        self.stack.update_depth_bias(load)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameters (each shared tensor counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if self.output is not None:
+                n -= self.output.weight.numel()
+        return n

@@ -1,0 +1,231 @@
+import pytest
+import torch
+
+from conftest import tiny_args, tiny_model
+from mor_pretrain.models import ModelArgs, MoRModel
+
+VARIANTS = {
+    "vanilla": dict(num_recursions=1, sharing="cycle", n_layers=4),
+    "recursive": dict(router="none"),
+    "recursive_share": dict(router="none", kv_mode="share"),
+    "expert": dict(router="expert"),
+    "expert_share": dict(router="expert", kv_mode="share"),
+    "expert_aux": dict(router="expert", aux_router=True, z_loss_coef=1e-3),
+    "expert_mlp": dict(router="expert", router_arch="mlp"),
+    "token_softmax": dict(router="token", router_activation="softmax", router_alpha=1.0, z_loss_coef=1e-5),
+    "token_sigmoid_lossfree": dict(router="token", balancing="loss_free"),
+    "token_share": dict(router="token", kv_mode="share"),
+}
+
+
+@pytest.mark.parametrize(
+    "sharing,expected",
+    [
+        ("cycle", [0, 1, 2, 0, 1, 2, 0, 1, 2]),
+        ("sequence", [0, 0, 0, 1, 1, 1, 2, 2, 2]),
+    ],
+)
+def test_sharing_maps_match_paper_examples(sharing, expected):
+    assert ModelArgs(n_layers=9, num_recursions=3, sharing=sharing).layer_map() == expected
+
+
+def test_middle_sharing_maps():
+    # L=8, Nr=3: first, 2 shared layers x 3, last.
+    assert ModelArgs(n_layers=8, num_recursions=3, sharing="middle_cycle").layer_map() == [0, 1, 2, 1, 2, 1, 2, 3]
+    assert ModelArgs(n_layers=8, num_recursions=3, sharing="middle_sequence").layer_map() == [0, 1, 1, 1, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("sharing", ["cycle", "sequence", "middle_cycle", "middle_sequence"])
+def test_shared_stack_is_one_module_applied_nr_times(sharing):
+    n_layers = 8 if sharing.startswith("middle") else 9
+    model = tiny_model(sharing=sharing, n_layers=n_layers)
+    a = model.args
+    # Unique parameters only: no tensor registered twice.
+    assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False)))
+    per_block = sum(p.numel() for p in model.stack.layers[0].parameters())
+    n_unique_blocks = a.num_shared + (2 if a.middle else 0)
+    expected = per_block * n_unique_blocks + a.vocab_size * a.d_model + a.d_model
+    assert model.num_params() == expected
+    # Every application of a shared layer uses the very same weight tensor.
+    seen: list[list[int]] = [[] for _ in model.stack.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, j=j: seen[j].append(m.attention.wq.weight.data_ptr()))
+        for j, layer in enumerate(model.stack.layers)
+    ]
+    model(torch.randint(0, a.vocab_size, (2, 16)))
+    for h in hooks:
+        h.remove()
+    for calls, layer in zip(seen, model.stack.layers):
+        assert calls == [layer.attention.wq.weight.data_ptr()] * a.num_recursions
+    # The applied-layer map covers every unique layer, each used Nr times inside the stack.
+    lm = a.layer_map()
+    assert len(lm) == a.n_layers
+    inner = lm[1:-1] if a.middle else lm
+    assert sorted(set(inner)) == sorted(set(inner)) and all(inner.count(u) == a.num_recursions for u in set(inner))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradients_reach_every_parameter(name):
+    model = tiny_model(**VARIANTS[name])
+    x = torch.randint(0, model.args.vocab_size, (2, 24))
+    out = model(x, x)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert torch.isfinite(out.loss)
+
+
+CAUSAL = [("vanilla", "topk"), ("recursive", "topk"), ("recursive_share", "topk"), ("expert", "causal"),
+          ("expert_share", "causal"), ("expert_aux", "causal"), ("token_softmax", "topk"), ("token_share", "topk")]
+
+
+@pytest.mark.parametrize("name,routing", CAUSAL)
+def test_changing_a_future_token_never_changes_past_logits(name, routing):
+    model = tiny_model(**VARIANTS[name])
+    # Lower the expert threshold so both decisions occur in a random model.
+    model.args.causal_threshold = 0.5
+    torch.manual_seed(1)
+    x = torch.randint(0, model.args.vocab_size, (3, 32))
+    base = model(x, routing=routing).logits
+    for t in (5, 17, 30):
+        y = x.clone()
+        y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(3)) % model.args.vocab_size
+        out = model(y, routing=routing).logits
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1])
+
+
+def test_expert_topk_mode_is_not_causal():
+    model = tiny_model(**VARIANTS["expert"])
+    x = torch.randint(0, model.args.vocab_size, (4, 32))
+    base = model(x)
+    leaked = False
+    for t in range(8, 31, 3):
+        y = x.clone()
+        y[:, t + 1 :] = torch.randint(0, model.args.vocab_size, y[:, t + 1 :].shape)
+        out = model(y)
+        if not torch.allclose(out.logits[:, : t + 1], base.logits[:, : t + 1], atol=1e-6):
+            leaked = True
+            break
+    assert leaked, "top-k over the whole sequence should let future tokens change past routing"
+
+
+@pytest.mark.parametrize("caps,t", [([1.0, 2 / 3, 1 / 3], 30), ([1.0, 0.5, 0.25], 32), ([0.75, 0.5, 0.5], 20)])
+def test_expert_selects_exact_token_counts(caps, t):
+    model = tiny_model(router="expert", capacities=caps)
+    b = 3
+    out = model(torch.randint(0, 97, (b, t)))
+    ks = [max(1, int(c * t)) for c in caps]
+    depth = out.depth
+    for r, k in enumerate(ks):
+        assert ((depth > r).sum(dim=1) == k).all()
+    counts = out.stats["tokens_per_depth"].tolist()
+    assert counts == [b * (t - ks[0])] + [b * (ks[r] - ks[r + 1]) for r in range(2)] + [b * ks[2]]
+
+
+def _gated_recursive_reference(model, x):
+    """Plain recursion over the full sequence with the expert gate: what capacities of 1 must equal."""
+    a = model.args
+    t = x.shape[1]
+    rope = model.rope[:t][None, None]
+    h, _ = model.first(model.tok_embeddings(x), rope)
+    for step in range(a.num_recursions):
+        g = a.router_alpha * torch.sigmoid(model.stack.routers[step](h))
+        f, _ = model.stack.apply_once(h, rope, None)
+        h = h + g * f
+    h, _ = model.last(h, rope)
+    return torch.nn.functional.linear(model.norm(h), model.head_weight())
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_capacity_one_equals_recursive_baseline(routing):
+    model = tiny_model(router="expert", capacities=[1.0, 1.0, 1.0])
+    x = torch.randint(0, 97, (2, 24))
+    ref = _gated_recursive_reference(model, x)
+    torch.testing.assert_close(model(x, routing=routing).logits, ref, rtol=1e-5, atol=1e-5)
+    # And the same shared weights in a router-free recursive model run the same stack without gates.
+    rec = MoRModel(tiny_args(router="none"))
+    missing, unexpected = rec.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [] and all("routers" in k for k in unexpected)
+    assert rec(x).logits.shape == ref.shape
+
+
+def test_expert_compacted_attention_matches_masked_full_sequence():
+    """Top-k gather + causal attention over the compacted tokens at original RoPE positions equals running
+    every token with attention restricted to the selected ones, when the selection is the same."""
+    model = tiny_model(router="expert")
+    x = torch.randint(0, 97, (2, 30))
+    out = model(x)
+    a = model.args
+    rope = model.rope[:30][None, None]
+    h, _ = model.first(model.tok_embeddings(x), rope)
+    from mor_pretrain.models.mor import _causal_key_mask
+
+    for step in range(a.num_recursions):
+        sel = out.depth > step
+        g = a.router_alpha * torch.sigmoid(model.stack.routers[step](h))
+        f, _ = model.stack.apply_once(h, rope, _causal_key_mask(sel))
+        h = torch.where(sel.unsqueeze(-1), h + g * f, h)
+    h, _ = model.last(h, rope)
+    ref = torch.nn.functional.linear(model.norm(h), model.head_weight())
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_share_reuses_step0_keys_and_skips_projections():
+    model = tiny_model(router="expert", kv_mode="share")
+    calls = []
+    for layer in model.stack.layers:
+        layer.attention.wk.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    model(torch.randint(0, 97, (2, 30)))
+    # K projections run once per shared layer (step 0 only), on the full sequence.
+    assert calls == [30] * model.args.num_shared
+
+
+def test_causal_mode_reports_topk_agreement_and_threshold_moves_depth():
+    model = tiny_model(router="expert")
+    x = torch.randint(0, 97, (2, 32))
+    lo = model(x, routing="causal")
+    assert 0.0 <= lo.stats["topk_agreement"].item() <= 1.0
+    model.args.causal_threshold = 0.01
+    deep = model(x, routing="causal").depth
+    model.args.causal_threshold = 0.99
+    shallow = model(x, routing="causal").depth
+    assert (deep == 3).all() and (shallow == 1).all()
+
+
+def test_token_choice_loss_free_bias_update_and_maxvio():
+    model = tiny_model(router="token", balancing="loss_free")
+    out = model(torch.randint(0, 97, (2, 32)))
+    load = out.stats["tc_load"]
+    assert load.sum() == 64 and "balance" not in out.aux_losses
+    assert out.stats["maxvio"] == pytest.approx((load.max() / load.mean() - 1).item())
+    model.update_router_bias(torch.tensor([10.0, 0.0, 2.0]))
+    assert model.stack.depth_bias.tolist() == pytest.approx([-1e-3, 1e-3, 1e-3])
+    assert "stack.depth_bias" in model.state_dict()
+
+
+def test_ignore_index_excludes_padding_from_loss():
+    model = tiny_model(router="expert")
+    x = torch.randint(0, 97, (2, 16))
+    labels = x.clone()
+    labels[:, 8:] = -100
+    full = model(x, labels)
+    logits = full.logits[:, :8].flatten(0, 1)
+    torch.testing.assert_close(full.lm_loss, torch.nn.functional.cross_entropy(logits, x[:, :8].flatten()))
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(n_heads=5), "n_heads"),
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(n_layers=9), "n_layers"),
+        (dict(router="expert", capacities=[1.0, 0.5, 0.75]), "capacities"),
+        (dict(router="expert", capacities=[1.0, 0.5]), "capacities"),
+        (dict(router="expert", sharing="middle_sequence"), "sharing"),
+        (dict(router="token", num_recursions=1, n_layers=4, sharing="cycle"), "router"),
+    ],
+)
+def test_bad_model_args_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=f"model.{key}"):
+        MoRModel(tiny_args(**kw))
