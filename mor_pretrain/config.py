@@ -87,9 +87,7 @@ class DataConfig:
         if not self.sources:
             raise ConfigError("data.sources must name at least one file, glob or directory")
         if self.weights and len(self.weights) != len(self.sources):
-            raise ConfigError(
-                f"data.weights has {len(self.weights)} entries but data.sources has {len(self.sources)}"
-            )
+            raise ConfigError(f"data.weights has {len(self.weights)} entries but data.sources has {len(self.sources)}")
         if any(w <= 0 for w in self.weights):
             raise ConfigError(f"data.weights must all be > 0, got {self.weights}")
         if self.num_workers < 0:
@@ -159,17 +157,15 @@ class JobConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
+            if dataclasses.is_dataclass(section) and not isinstance(section, type):
                 try:
-                    section.validate()
+                    section.validate()  # type: ignore[attr-defined]
                 except ValueError as e:
                     msg = str(e)
                     raise ConfigError(msg if msg.startswith(f.name) else f"{f.name}: {msg}") from None
         t = self.training
         if t.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
-            )
+            raise ConfigError(f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(
                 f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -215,7 +211,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a table [{prefix}{name}]")
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")

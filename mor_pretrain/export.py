@@ -31,8 +31,10 @@ def save_exported(
     """Write `state_dict` (MoRModel names, full unsharded tensors) and its config to folder `path`."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-               for k, v in state_dict.items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in state_dict.items()
+    }
     meta = {"format": FORMAT, "model": dataclasses.asdict(args), **(extra or {})}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})

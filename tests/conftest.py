@@ -5,8 +5,17 @@ from mor_pretrain.models import ModelArgs, MoRModel
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, d_ffn=64, max_seq_len=64,
-                n_layers=8, num_recursions=3, sharing="middle_cycle")
+    base = dict(
+        vocab_size=97,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ffn=64,
+        max_seq_len=64,
+        n_layers=8,
+        num_recursions=3,
+        sharing="middle_cycle",
+    )
     base.update(kw)
     return ModelArgs(**base)
 

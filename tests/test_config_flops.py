@@ -81,8 +81,11 @@ def write(tmp_path, text):
         ("[modle]\n", [], "unknown key modle"),
         ("[model]\nd_model = 'big'\n", [], "model.d_model must be int"),
         ("[model]\nd_model = 100\nn_heads = 3\n", [], "model.n_heads"),
-        ("[model]\nrouter = 'expert'\nnum_recursions = 3\nn_layers = 8\ncapacities = [1.0, 0.3, 0.6]\n", [],
-         "model.capacities"),
+        (
+            "[model]\nrouter = 'expert'\nnum_recursions = 3\nn_layers = 8\ncapacities = [1.0, 0.3, 0.6]\n",
+            [],
+            "model.capacities",
+        ),
         ("[training]\nseq_len = 4096\n", [], "training.seq_len"),
         ("", ["--training.stepz=3"], "unknown key training.stepz"),
         ("", ["--optimizer.lr=-1"], "optimizer.lr"),
@@ -107,9 +110,19 @@ def test_overrides_beat_file_and_round_trip(tmp_path):
 
 def test_flops_cli_json():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools/flops.py"), str(ROOT / "train_configs/mor_360m.toml"),
-         "--budget", "16.5e18", "--global-batch-tokens", str(1024 * 2048), "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/flops.py"),
+            str(ROOT / "train_configs/mor_360m.toml"),
+            "--budget",
+            "16.5e18",
+            "--global-batch-tokens",
+            str(1024 * 2048),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     d = json.loads(out.stdout)
     assert d["paper_flops_per_token"] / 1e6 == pytest.approx(555.6, abs=0.05)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from mor_pretrain.export import load_exported, save_exported
 
 

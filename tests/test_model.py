@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_args, tiny_model
+
 from mor_pretrain.models import ModelArgs, MoRModel
 
 VARIANTS = {
@@ -55,7 +55,7 @@ def test_shared_stack_is_one_module_applied_nr_times(sharing):
     model(torch.randint(0, a.vocab_size, (2, 16)))
     for h in hooks:
         h.remove()
-    for calls, layer in zip(seen, model.stack.layers):
+    for calls, layer in zip(seen, model.stack.layers, strict=True):
         assert calls == [layer.attention.wq.weight.data_ptr()] * a.num_recursions
     # The applied-layer map covers every unique layer, each used Nr times inside the stack.
     lm = a.layer_map()
@@ -75,8 +75,16 @@ def test_gradients_reach_every_parameter(name):
     assert torch.isfinite(out.loss)
 
 
-CAUSAL = [("vanilla", "topk"), ("recursive", "topk"), ("recursive_share", "topk"), ("expert", "causal"),
-          ("expert_share", "causal"), ("expert_aux", "causal"), ("token_softmax", "topk"), ("token_share", "topk")]
+CAUSAL = [
+    ("vanilla", "topk"),
+    ("recursive", "topk"),
+    ("recursive_share", "topk"),
+    ("expert", "causal"),
+    ("expert_share", "causal"),
+    ("expert_aux", "causal"),
+    ("token_softmax", "topk"),
+    ("token_share", "topk"),
+]
 
 
 @pytest.mark.parametrize("name,routing", CAUSAL)

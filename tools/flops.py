@@ -1,6 +1,6 @@
 """FLOPs per token of a config under the paper and executed conventions, and what a budget buys.
 
-    python tools/flops.py train_configs/mor_360m.toml [--budget 16.5e18] [--global-batch-tokens 2097152] [--json]
+python tools/flops.py train_configs/mor_360m.toml [--budget 16.5e18] [--global-batch-tokens 2097152] [--json]
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("--budget", type=float, default=None, help="total training FLOPs (paper convention)")
-    p.add_argument("--global-batch-tokens", type=int, default=None,
-                   help="tokens per optimizer step; default: training.global_batch_size x seq_len")
+    p.add_argument(
+        "--global-batch-tokens",
+        type=int,
+        default=None,
+        help="tokens per optimizer step; default: training.global_batch_size x seq_len",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = p.parse_known_args(argv)
     try:
@@ -52,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         for k, v in out.items():
-            print(f"{k:>26}: {v:,.1f}" if isinstance(v, float) else f"{k:>26}: {v:,}" if isinstance(v, int) else f"{k:>26}: {v}")
+            print(
+                f"{k:>26}: {v:,.1f}"
+                if isinstance(v, float)
+                else f"{k:>26}: {v:,}"
+                if isinstance(v, int)
+                else f"{k:>26}: {v}"
+            )
     return 0
 
 

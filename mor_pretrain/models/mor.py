@@ -125,8 +125,10 @@ class ModelArgs:
             if nr < 2:
                 bad("router", f"routing needs num_recursions >= 2, got {nr}")
             if self.sharing not in ("cycle", "middle_cycle"):
-                bad("sharing", f"routing runs over passes through the shared stack; use cycle or "
-                    f"middle_cycle, not {self.sharing}")
+                bad(
+                    "sharing",
+                    f"routing runs over passes through the shared stack; use cycle or middle_cycle, not {self.sharing}",
+                )
         if self.kv_mode == "share" and (nr < 2 or self.sharing not in ("cycle", "middle_cycle")):
             bad("kv_mode", "KV sharing needs num_recursions >= 2 and cycle or middle_cycle sharing")
         if self.capacities:
@@ -136,7 +138,7 @@ class ModelArgs:
                 bad("capacities", f"needs {nr} values (one per recursion), got {len(self.capacities)}")
             if any(not 0.0 < c <= 1.0 for c in self.capacities):
                 bad("capacities", f"each must be in (0, 1], got {self.capacities}")
-            if any(b > a for a, b in zip(self.capacities, self.capacities[1:])):
+            if any(b > a for a, b in zip(self.capacities, self.capacities[1:], strict=False)):
                 bad("capacities", f"must be non-increasing, got {self.capacities}")
         if self.router == "expert" and self.router_activation != "sigmoid":
             bad("router_activation", "expert choice uses sigmoid scores")
@@ -160,7 +162,9 @@ class Router(nn.Module):
     def __init__(self, dim: int, out: int, arch: str):
         super().__init__()
         if arch == "mlp":
-            self.net: nn.Module = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.GELU(), nn.Linear(dim, out, bias=False))
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(dim, dim, bias=False), nn.GELU(), nn.Linear(dim, out, bias=False)
+            )
         else:
             self.net = nn.Linear(dim, out, bias=False)
 
@@ -190,6 +194,8 @@ def _causal_key_mask(keys: torch.Tensor) -> torch.Tensor:
 class RecursionStack(nn.Module):
     """The shared layers, their routers and the recursion loop: one module, applied Nr times."""
 
+    depth_bias: torch.Tensor
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -211,8 +217,10 @@ class RecursionStack(nn.Module):
 
     def init_weights(self, std: float, out_std: float) -> None:
         for layer in self.layers:
+            assert isinstance(layer, Block)
             layer.init_weights(std, out_std)
         for r in [*self.routers, *self.aux_routers]:
+            assert isinstance(r, Router)
             r.init_weights(std)
         self.depth_bias.zero_()
 
@@ -302,10 +310,7 @@ class RecursionStack(nn.Module):
             if step == 0:
                 kvs0, pos0 = kvs, pos
             upd = x + gate.unsqueeze(-1).to(x.dtype) * f
-            if new_idx is None:
-                h = upd
-            else:
-                h = h.scatter(1, new_idx.unsqueeze(-1).expand_as(upd), upd)
+            h = upd if new_idx is None else h.scatter(1, new_idx.unsqueeze(-1).expand_as(upd), upd)
             depth = depth.scatter_add(1, pos, torch.ones_like(pos))
             idx = new_idx
         aux = {"router_bce": a.aux_loss_coef * bce}
@@ -370,7 +375,8 @@ class RecursionStack(nn.Module):
                 else:
                     sel = active
             share = a.kv_mode == "share" and step > 0
-            mask = None if everyone else _causal_key_mask(keys0 if share else sel)
+            keys = keys0 if share and keys0 is not None else sel
+            mask = None if everyone else _causal_key_mask(keys)
             f, kvs = self.apply_once(h, r_full, mask, kvs0 if share else None)
             if step == 0:
                 kvs0, keys0 = kvs, sel
@@ -395,6 +401,8 @@ class RecursionStack(nn.Module):
 
 
 class MoRModel(nn.Module):
+    rope: torch.Tensor
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         args.validate()
