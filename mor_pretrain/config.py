@@ -121,10 +121,17 @@ class CheckpointConfig:
     async_save: bool = False  # write with dcp.async_save while training continues
     load_step: int = -1  # -1 = resume from the latest complete checkpoint, if any
     export_bf16: bool = True  # write weights-only bf16 at the end
+    # Extra steps to save at (isoFLOP branch points); kept regardless of keep_latest, cooldowns start there.
+    save_steps: list[int] = field(default_factory=list)
+    # Checkpoint folder to start from when this run has none of its own (a cooldown branched from a longer
+    # run): model, optimizer, data loader and train state are loaded; the lr schedule is this run's.
+    init_from: str = ""
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_latest < 1:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_latest >= 1")
+        if any(s < 1 for s in self.save_steps):
+            raise ConfigError(f"checkpoint.save_steps must all be >= 1, got {self.save_steps}")
 
 
 @dataclass
