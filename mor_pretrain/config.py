@@ -34,14 +34,22 @@ class TrainingConfig:
     seq_len: int = 256  # tokens per sequence (the model sees seq_len, predicts seq_len)
     seed: int = 0  # seed for weights, data order and routing noise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # parameter dtype for compute (autocast/FSDP)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype (FSDP2 mixed-precision parameters)
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact resume tests
-    nonfinite: Literal["skip", "stop"] = "stop"  # what a NaN/inf loss or grad norm does
+    nonfinite: Literal["skip", "stop"] = "stop"  # NaN/inf grad norm: skip the update (one host sync per
+    # step) or stop at the next log step (no extra sync)
+    val_interval: int = 0  # steps between validation passes; 0 = never
+    val_batches: int = 8  # micro-batches per validation pass (the val split may run out sooner)
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_interval < 0 or self.val_batches < 1:
+            raise ConfigError(
+                f"training.val_interval must be >= 0 and training.val_batches >= 1, "
+                f"got {self.val_interval} and {self.val_batches}"
+            )
 
 
 @dataclass
@@ -100,8 +108,7 @@ class ParallelismConfig:
     dp_shard: int = -1  # FSDP2 shard degree; -1 = whatever the world size leaves
     tp: int = 1  # tensor-parallel degree
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward
-    param_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # FSDP2 mixed precision: compute dtype
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # FSDP2 mixed precision: gradient reduction
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # FSDP2 gradient reduction (compute: training.dtype)
     activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute policy
     compile: bool = False  # torch.compile each block (regional)
 
