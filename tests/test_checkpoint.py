@@ -1,0 +1,219 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_model
+
+from mor_pretrain.checkpoint import (
+    COMPLETE,
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    complete_steps,
+    step_dir,
+)
+from mor_pretrain.config import CheckpointConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Counter:
+    """A minimal Stateful per-rank object (stands in for the data loader's state)."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = sd["n"]
+
+
+def train_steps(model, opt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randint(0, 97, (2, 16), generator=g)
+        model(x, x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def make(seed=0):
+    model = tiny_model(seed=seed, router="expert")
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def states(model, opt):
+    return {"model": ModelState(model), "optimizer": OptimizerState(model, opt)}
+
+
+def test_save_prune_and_exact_restore(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(interval=2, keep_latest=2), tmp_path, config_toml="x = 1\n")
+    counter = Counter()
+    for step in range(1, 7):
+        train_steps(model, opt, 1, seed=step)
+        counter.n = step
+        if ck.should_save(step, last=False):
+            ck.save(step, states(model, opt), {"dataloader": counter})
+    assert complete_steps(tmp_path) == [4, 6]
+    assert not step_dir(tmp_path, 2).exists()
+    assert (step_dir(tmp_path, 6) / "config.toml").read_text() == "x = 1\n"
+    fresh, fresh_opt = make(seed=1)
+    c2 = Counter()
+    step = ck.resolve_load_step()
+    assert step == 6
+    torch.manual_seed(999)
+    ck.load(step_dir(tmp_path, step), states(fresh, fresh_opt), {"dataloader": c2}, check_config=lambda _: None)
+    assert c2.n == 6
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    # Optimizer moments restored: one more identical step gives identical weights.
+    train_steps(model, opt, 1, seed=50)
+    train_steps(fresh, fresh_opt, 1, seed=50)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rng_state_round_trips(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path)
+    torch.manual_seed(7)
+    ck.save(1, states(model, opt), {})
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    ck.load(step_dir(tmp_path, 1), states(model, opt), {}, check_config=lambda _: None)
+    torch.testing.assert_close(torch.rand(4), after)
+
+
+def test_explicit_load_step_must_exist_and_incomplete_is_ignored(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=5), tmp_path)
+    ck.save(3, states(model, opt), {})
+    (step_dir(tmp_path, 5)).mkdir()  # a crashed save: no COMPLETE marker
+    assert ck.resolve_load_step() == 3
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.load(step_dir(tmp_path, 5), states(model, opt), {}, check_config=lambda _: None)
+    bad = Checkpointer(CheckpointConfig(load_step=5), tmp_path)
+    with pytest.raises(FileNotFoundError, match="load_step=5"):
+        bad.resolve_load_step()
+
+
+def test_config_check_sees_the_saved_config(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path, config_toml="[model]\nd_model = 32\n")
+    ck.save(1, states(model, opt), {})
+
+    def refuse(saved: str):
+        raise ValueError(f"refused: {saved.strip()}")
+
+    with pytest.raises(ValueError, match="d_model = 32"):
+        ck.load(step_dir(tmp_path, 1), states(model, opt), {}, check_config=refuse)
+
+
+def test_async_save_completes_and_reports_stall(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(async_save=True, keep_latest=1), tmp_path)
+    rec = ck.save(1, states(model, opt), {"dataloader": Counter(1)})
+    assert rec.stall_s >= 0
+    train_steps(model, opt, 1)  # training goes on while the write finishes
+    ck.save(2, states(model, opt), {"dataloader": Counter(2)})
+    ck.close()
+    assert complete_steps(tmp_path) == [2]
+    assert all(r.total_s is not None and r.total_s >= r.stall_s for r in ck.records)
+
+
+def _fsdp_worker(rank, world, ckdir, out, save):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CK_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = make(seed=0)
+    fully_shard(model.stack)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ck = Checkpointer(CheckpointConfig(), Path(ckdir))
+    counter = Counter(rank)
+    if save:
+        train_steps(model, opt, 2)
+        ck.save(2, states(model, opt), {"dataloader": counter})
+    else:
+        ck.load(step_dir(Path(ckdir), 2), states(model, opt), {"dataloader": counter}, check_config=lambda _: None)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save({"model": full, "counter": counter.n}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_checkpoint_reshards_from_2_ranks_to_1(tmp_path):
+    os.environ["CK_PORT"] = str(free_port())
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path), "", True), nprocs=2)
+    os.environ["CK_PORT"] = str(free_port())
+    mp.spawn(_fsdp_worker, args=(1, str(tmp_path), str(tmp_path / "full.pt"), False), nprocs=1)
+    got = torch.load(tmp_path / "full.pt")
+    ref, opt = make(seed=0)
+    train_steps(ref, opt, 2)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-6, atol=1e-6, msg=k)
+    assert got["counter"] == 0  # rank 0's per-rank state is the fallback for a new layout
+
+
+def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
+    """A process killed while writing step 2 leaves step 1 as the latest complete checkpoint."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch.distributed.checkpoint as dcp
+        from test_checkpoint import make, states, train_steps
+        from mor_pretrain.checkpoint import Checkpointer
+        from mor_pretrain.config import CheckpointConfig
+        model, opt = make()
+        ck = Checkpointer(CheckpointConfig(keep_latest=3), {str(tmp_path)!r})
+        ck.save(1, states(model, opt), {{}})
+        orig = dcp.FileSystemWriter.write_data
+        def slow_write(self, plan, planner):
+            open({str(tmp_path / "writing")!r}, "w").close()
+            time.sleep(60)
+            return orig(self, plan, planner)
+        dcp.FileSystemWriter.write_data = slow_write
+        train_steps(model, opt, 1)
+        ck.save(2, states(model, opt), {{}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists():
+        assert proc.poll() is None and time.time() < deadline, "child never reached the save"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step_dir(tmp_path, 2).exists() and not (step_dir(tmp_path, 2) / COMPLETE).exists()
+    ck = Checkpointer(CheckpointConfig(), tmp_path)
+    assert ck.resolve_load_step() == 1
+    model, opt = make(seed=5)
+    ck.load(step_dir(tmp_path, 1), states(model, opt), {}, check_config=lambda _: None)
+    ref, _ = make()
+    torch.testing.assert_close(
+        model.state_dict()["first.attention.wq.weight"], ref.state_dict()["first.attention.wq.weight"]
+    )
+    # The next save at step 2 replaces the partial folder and completes.
+    ck.save(2, states(model, opt), {})
+    assert complete_steps(tmp_path) == [1, 2]
