@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mor_pretrain.config import CheckpointConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
@@ -245,3 +252,62 @@ class Checkpointer:
 
     def close(self) -> None:
         self.finish_pending()
+
+
+# Keys whose change makes a checkpoint meaningless for this run: they change parameter shapes or what the
+# parameters compute with (token ids, window length). Everything else (lr, schedule, intervals, ...) may change.
+STRUCTURAL_KEYS = {
+    "model": [
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "d_ffn",
+        "num_recursions",
+        "sharing",
+        "router",
+        "router_arch",
+        "aux_router",
+        "tie_embeddings",
+    ],
+    "data": ["tokenizer"],
+    "training": ["seq_len"],
+}
+
+
+def config_differences(saved_toml: str, current: dict[str, Any]) -> list[str]:
+    """Structural keys that differ between a checkpoint's saved config and the current one."""
+    saved = tomllib.loads(saved_toml)
+    diffs = []
+    for section, keys in STRUCTURAL_KEYS.items():
+        for key in keys:
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if old is not None and old != new:
+                diffs.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")
+    return diffs
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step; every rank agrees on it.
+
+    Schedulers signal each process, but not necessarily at the same step, so the flag is max-reduced over
+    a CPU (gloo) group: all ranks stop after the same step, save together and exit 0.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.requested = False
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("received %s: will save and exit after this step", signal.Signals(signum).name)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if self._group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())

@@ -217,3 +217,30 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
     # The next save at step 2 replaces the partial folder and completes.
     ck.save(2, states(model, opt), {})
     assert complete_steps(tmp_path) == [1, 2]
+
+
+def test_structural_config_changes_are_named_and_safe_ones_allowed():
+    from mor_pretrain.checkpoint import config_differences
+    from mor_pretrain.config import config_to_dict, dump_toml, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    saved = load_config(root / "train_configs/debug_mor.toml")
+    safe = load_config(root / "train_configs/debug_mor.toml", ["--optimizer.lr=1e-4", "--metrics.log_interval=1"])
+    assert config_differences(dump_toml(saved), config_to_dict(safe)) == []
+    bad = load_config(root / "train_configs/debug_mor.toml", ["--model.d_model=64", "--model.router=token"])
+    diffs = config_differences(dump_toml(saved), config_to_dict(bad))
+    assert any(d.startswith("model.d_model: checkpoint has 128, this run has 64") for d in diffs)
+    assert any(d.startswith("model.router") for d in diffs) and len(diffs) == 2
+
+
+def test_preemption_signal_sets_flag_single_process():
+    from mor_pretrain.checkpoint import PreemptionWatcher
+
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        w = PreemptionWatcher(signals=(signal.SIGUSR1,))
+        assert not w.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert w.should_stop()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
