@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -31,3 +33,26 @@ def tiny_model(seed: int = 0, **kw) -> MoRModel:
 def _fp32_deterministic():
     torch.manual_seed(0)
     yield
+
+
+# A mark expression that asks for `gpu` tests (and does not negate them), e.g. -m gpu or -m "gpu and not slow".
+_ASKS_FOR_GPU = re.compile(r"(?<!not )\bgpu\b")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`-m gpu` without CUDA is an error: a GPU run must not pass by skipping everything."""
+    if _ASKS_FOR_GPU.search(config.option.markexpr or "") and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"-m {config.option.markexpr!r} selects gpu tests, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda})"
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests when no CUDA device is visible (the -ra summary lists them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

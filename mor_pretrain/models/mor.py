@@ -261,7 +261,9 @@ class RecursionStack(nn.Module):
                 kvs0 = kvs
         return h
 
-    def _expert_topk(self, h: torch.Tensor, rope: torch.Tensor):
+    def _expert_topk(
+        self, h: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
         """Training-time expert choice: per-sequence top-k with hierarchical filtering and static k."""
         a = self.args
         b, t, _ = h.shape
@@ -325,7 +327,9 @@ class RecursionStack(nn.Module):
         stats["dead_token_ratio"] = torch.stack(dead[1:] or dead).mean()
         return h, aux, stats, depth
 
-    def _masked(self, h: torch.Tensor, rope: torch.Tensor):
+    def _masked(
+        self, h: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
         """Per-token decisions (token choice; expert choice in causal mode) on the full sequence.
 
         Every step runs on all positions with an attention mask restricted to the active tokens and
