@@ -1,0 +1,451 @@
+"""isoFLOP studies: plan runs from FLOP budgets, then collect their results into a table and plots.
+
+Planning follows the paper: a budget in the paper's FLOP convention buys tokens, hence optimizer steps at a
+fixed global batch, under a warmup-stable-decay (trapezoid) schedule. Smaller budgets of the same config
+reuse the largest run ("trapezoid reuse"): a smaller run shares the big run's warmup and stable phase, so it
+is only a cooldown branched from the big run's checkpoint at the step where its own decay begins.
+
+Reporting reads what runs leave behind (the run folder contract): `config.toml`, TensorBoard scalars in
+`tb/` and evaluation results in `eval/*.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mor_pretrain.config import JobConfig, dump_toml, load_config
+from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
+from mor_pretrain.models.mor import ModelArgs
+
+PLAN_FILE = "plan.json"
+FAMILY_ORDER = ("vanilla", "recursive", "mor")
+
+# ----------------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class RunPlan:
+    """One planned training run; `branch_from`/`branch_step` are set for trapezoid cooldowns."""
+
+    name: str
+    family: str
+    source: str  # the config file the run was planned from
+    budget: float  # the FLOP budget (paper convention) this run stands for
+    steps: int
+    warmup_steps: int
+    decay_steps: int
+    global_batch_size: int
+    seq_len: int
+    tokens: int  # tokens actually trained: steps x global batch x seq_len
+    paper_flops_per_token: float
+    executed_flops_per_token: float
+    params: int  # unique parameters (shared weights counted once)
+    non_embedding_params: int
+    run_dir: str
+    branch_from: str | None = None  # name of the run whose checkpoint this cooldown starts from
+    branch_step: int | None = None  # that checkpoint's step (where this run's decay begins)
+    save_steps: list[int] = field(default_factory=list)  # extra checkpoints other runs branch from
+    config: str = ""  # written TOML, relative to the plan folder
+
+    @property
+    def flops_paper(self) -> float:
+        return self.tokens * self.paper_flops_per_token
+
+    @property
+    def flops_executed(self) -> float:
+        return self.tokens * self.executed_flops_per_token
+
+
+def model_family(args: ModelArgs) -> str:
+    """vanilla (no recursion), recursive (fixed depth) or mor (routed)."""
+    if args.num_recursions == 1:
+        return "vanilla"
+    return "recursive" if args.router == "none" else "mor"
+
+
+def resolved_model_args(cfg: JobConfig) -> ModelArgs:
+    """The config's model args with vocab_size = 0 replaced by the tokenizer's padded size."""
+    args = copy.deepcopy(cfg.model)
+    if args.vocab_size == 0:
+        from mor_pretrain.data.tokenizer import resolve_vocab_size
+
+        args.vocab_size = resolve_vocab_size(cfg.data)
+    return args
+
+
+def count_params(args: ModelArgs) -> tuple[int, int]:
+    """(unique, non-embedding) parameter counts, from a model built on the meta device."""
+    import torch
+
+    from mor_pretrain.models import MoRModel
+
+    with torch.device("meta"):
+        model = MoRModel(args)
+    return model.num_params(), model.num_params(exclude_embedding=True)
+
+
+def wsd_steps(steps: int, warmup_fraction: float, decay_fraction: float) -> tuple[int, int]:
+    """(warmup, decay) steps of a warmup-stable-decay schedule: each fraction x steps, rounded."""
+    return round(warmup_fraction * steps), round(decay_fraction * steps)
+
+
+def step_fraction(n: int, steps: int) -> float:
+    """A fraction f with floor(f * steps) == round(f * steps) == n, whichever way a trainer rounds."""
+    f = n / steps
+    while math.floor(f * steps) < n:  # n / steps * steps can land one ulp below n
+        f = math.nextafter(f, 1.0)
+    return f
+
+
+def budget_tag(flops: float) -> str:
+    """A compact budget label for run names: 2e18, 1.65e19."""
+    return f"{flops:.3g}".replace("e+", "e")
+
+
+def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPlan]:
+    """Runs for one config: the largest budget first, then the smaller ones as cooldowns branched from it.
+
+    A smaller run branches from the big run at its own decay start (steps - decay), which must lie in the big
+    run's stable phase; otherwise (or without a wsd schedule) it is planned as an independent run.
+    """
+    if not budgets or any(b <= 0 for b in budgets):
+        raise ValueError(f"budgets must be positive FLOP counts, got {budgets}")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"budgets must be distinct, got {budgets}")
+    t, opt = cfg.training, cfg.optimizer
+    args = resolved_model_args(cfg)
+    fpt_paper = paper_flops_per_token(args, t.seq_len)
+    fpt_exec = executed_flops_per_token(args, t.seq_len)
+    params, non_emb = count_params(args)
+    batch_tokens = t.global_batch_size * t.seq_len
+    runs: list[RunPlan] = []
+    for b in sorted(budgets, reverse=True):
+        steps = budget(fpt_paper, b, batch_tokens, paper_rounding=True).steps
+        if steps < 1:
+            raise ValueError(f"{source}: budget {b:.3g} FLOPs buys no optimizer step at {batch_tokens} tokens/step")
+        name = f"{cfg.name}_{budget_tag(b)}"
+        warmup, decay = wsd_steps(steps, opt.warmup_fraction, opt.decay_fraction)
+        run = RunPlan(
+            name=name,
+            family=model_family(args),
+            source=source,
+            budget=b,
+            steps=steps,
+            warmup_steps=warmup,
+            decay_steps=decay,
+            global_batch_size=t.global_batch_size,
+            seq_len=t.seq_len,
+            tokens=steps * batch_tokens,
+            paper_flops_per_token=fpt_paper,
+            executed_flops_per_token=fpt_exec,
+            params=params,
+            non_embedding_params=non_emb,
+            run_dir=str(Path(cfg.run_root) / name),
+        )
+        if runs and opt.schedule == "wsd":
+            _branch(runs[0], run)
+        runs.append(run)
+    return runs
+
+
+def _branch(big: RunPlan, small: RunPlan) -> None:
+    """Make `small` a cooldown of `big` if its decay starts inside big's warmup-free, decay-free stretch."""
+    start = small.steps - small.decay_steps
+    if not big.warmup_steps <= start <= big.steps - big.decay_steps or start < 1 or start == small.steps:
+        return
+    small.warmup_steps = big.warmup_steps  # the shared trunk warmed up once, for the big run
+    small.branch_from, small.branch_step = big.name, start
+    if start not in big.save_steps:
+        big.save_steps.append(start)
+        big.save_steps.sort()
+
+
+def plan_sweep(configs: list[tuple[str, JobConfig]], budgets: list[float]) -> list[RunPlan]:
+    """Plan every (source path, config) pair over the budgets; run names must come out unique."""
+    runs = [r for source, cfg in configs for r in plan_config(cfg, source, budgets)]
+    seen: dict[str, str] = {}
+    for r in runs:
+        if r.name in seen:
+            raise ValueError(
+                f"run name {r.name} planned twice ({seen[r.name]} and {r.source}); give the configs distinct names"
+            )
+        seen[r.name] = r.source
+    return runs
+
+
+def run_job_config(cfg: JobConfig, run: RunPlan, runs: list[RunPlan]) -> JobConfig:
+    """The ready-to-run config of `run`: its name, steps, a schedule matching the plan, its checkpoints."""
+    out = copy.deepcopy(cfg)
+    out.name = run.name
+    out.training.steps = run.steps
+    out.optimizer.warmup_fraction = step_fraction(run.warmup_steps, run.steps)
+    out.optimizer.decay_fraction = step_fraction(run.decay_steps, run.steps)
+    out.checkpoint.save_steps = list(run.save_steps)
+    if run.branch_from is not None:
+        big = next(r for r in runs if r.name == run.branch_from)
+        out.checkpoint.init_from = str(Path(big.run_dir) / cfg.checkpoint.folder / f"step-{run.branch_step:08d}")
+    out.validate()
+    return out
+
+
+def write_plan(out_dir: str | Path, runs: list[RunPlan], configs: dict[str, JobConfig]) -> Path:
+    """Write one TOML per run (in run order) and plan.json listing them; `configs` maps source -> config."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        r.config = f"{r.name}.toml"
+        (out / r.config).write_text(dump_toml(run_job_config(configs[r.source], r, runs)))
+    entries = [
+        {**dataclasses.asdict(r), "flops_paper": r.flops_paper, "flops_executed": r.flops_executed} for r in runs
+    ]
+    path = out / PLAN_FILE
+    path.write_text(json.dumps({"runs": entries}, indent=2) + "\n")
+    return path
+
+
+def load_plan(plan_dir: str | Path) -> list[RunPlan]:
+    """Read plan.json back into RunPlan objects."""
+    path = Path(plan_dir) / PLAN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: write a plan with `tools/isoflop.py plan ... --write {plan_dir}`")
+    names = {f.name for f in dataclasses.fields(RunPlan)}
+    return [RunPlan(**{k: v for k, v in e.items() if k in names}) for e in json.loads(path.read_text())["runs"]]
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def plan_table(runs: list[RunPlan]) -> str:
+    """The plan as a markdown table."""
+    head = (
+        "| run | family | budget | FLOPs/token paper | FLOPs/token executed | tokens | steps | warmup | decay "
+        "| params | non-emb params | branch |"
+    )
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in runs:
+        branch = f"{r.branch_from} @ {r.branch_step}" if r.branch_from else "-"
+        if r.save_steps:
+            branch += f" (saves {', '.join(map(str, r.save_steps))})"
+        lines.append(
+            f"| {r.name} | {r.family} | {r.budget:.3g} | {_si(r.paper_flops_per_token)} | "
+            f"{_si(r.executed_flops_per_token)} | {_si(r.tokens)} | {r.steps} | {r.warmup_steps} | {r.decay_steps} | "
+            f"{_si(r.params)} | {_si(r.non_embedding_params)} | {branch} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reporting
+
+
+@dataclass
+class Curve:
+    """Validation loss over training, with the FLOPs (paper convention) and tokens spent at each point."""
+
+    steps: list[int]
+    flops: list[float]
+    tokens: list[float]
+    val_loss: list[float]
+
+
+@dataclass
+class RunResult:
+    name: str
+    family: str
+    run_dir: str
+    params: int
+    non_embedding_params: int
+    step: int  # last step with a logged scalar
+    flops: float  # paper-convention FLOPs spent by that step
+    tokens: float
+    val_loss: float | None
+    train_loss: float | None
+    eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> mean accuracy over tasks
+    eval_tasks: int
+    curve: Curve
+
+
+def read_scalars(tb_dir: str | Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag in a TensorBoard folder as {tag: {step: value}}; a step logged again keeps the last."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = Path(tb_dir)
+    if not path.is_dir() or not any(path.glob("**/events.out.tfevents.*")):
+        raise FileNotFoundError(f"no TensorBoard event files in {path}")
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _at(series: dict[int, float], step: int) -> float | None:
+    """The series at `step`, linearly interpolated between logged steps; None outside its range."""
+    if step in series:
+        return series[step]
+    xs = sorted(series)
+    if not xs or step < xs[0] or step > xs[-1]:
+        return None
+    hi = next(i for i, x in enumerate(xs) if x > step)
+    x0, x1 = xs[hi - 1], xs[hi]
+    return series[x0] + (series[x1] - series[x0]) * (step - x0) / (x1 - x0)
+
+
+def _pick_accuracy(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Per (task, routing) one accuracy: acc_norm if reported, else acc, else any metric naming acc."""
+    rank = {"acc_norm": 0, "acc": 1}
+    best: dict[tuple[str, str], tuple[int, float]] = {}
+    for r in results:
+        metric = str(r["metric"])
+        if "acc" not in metric:
+            continue
+        key = (str(r["task"]), r.get("routing") or "-")
+        order = rank.get(metric, 2)
+        if key not in best or order <= best[key][0]:
+            best[key] = (order, float(r["value"]))
+    by_routing: dict[str, list[float]] = {}
+    for (_, routing), (_, value) in best.items():
+        by_routing.setdefault(routing, []).append(value)
+    return {k: sum(v) / len(v) for k, v in by_routing.items()}
+
+
+def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All results of <run>/eval/*.json, oldest file first, so a later result for the same task wins."""
+    results: list[dict[str, Any]] = []
+    for path in sorted(Path(run_dir).glob("eval/*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            data = json.loads(path.read_text())
+            entries = data["results"]
+            for e in entries:
+                _ = e["task"], e["metric"], e["value"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not an eval result file ({e.__class__.__name__}: {e})") from None
+        results.extend(entries)
+    return results
+
+
+def read_run(run_dir: str | Path) -> RunResult:
+    """Collect one run folder: its config, TensorBoard scalars and eval results."""
+    run = Path(run_dir)
+    cfg = load_config(run / "config.toml")
+    args = resolved_model_args(cfg)
+    params, non_emb = count_params(args)
+    scalars = read_scalars(run / "tb")
+    # Without logged progress counters, the spend follows from the step: the plan's own arithmetic.
+    batch_tokens = cfg.training.global_batch_size * cfg.training.seq_len
+    fpt = paper_flops_per_token(args, cfg.training.seq_len)
+
+    def spent(tag: str, step: int, per_token: float) -> float:
+        v = _at(scalars.get(tag, {}), step)
+        return v if v is not None else step * batch_tokens * per_token
+
+    val = scalars.get("val/loss", {})
+    vsteps = sorted(val)
+    curve = Curve(
+        steps=vsteps,
+        flops=[spent("progress/flops_paper", s, fpt) for s in vsteps],
+        tokens=[spent("progress/tokens", s, 1.0) for s in vsteps],
+        val_loss=[val[s] for s in vsteps],
+    )
+    last = max((max(s) for s in scalars.values() if s), default=0)
+    train = scalars.get("train/loss", {})
+    evals = read_eval(run)
+    return RunResult(
+        name=cfg.name,
+        family=model_family(args),
+        run_dir=str(run),
+        params=params,
+        non_embedding_params=non_emb,
+        step=last,
+        flops=spent("progress/flops_paper", last, fpt),
+        tokens=spent("progress/tokens", last, 1.0),
+        val_loss=val[vsteps[-1]] if vsteps else None,
+        train_loss=train[max(train)] if train else None,
+        eval_acc=_pick_accuracy(evals),
+        eval_tasks=len({e["task"] for e in evals}),
+        curve=curve,
+    )
+
+
+def results_table(results: list[RunResult]) -> str:
+    """Markdown table: model, family, params, FLOPs, tokens, final losses, eval accuracy per routing mode."""
+    routings = sorted({k for r in results for k in r.eval_acc})
+    acc_cols = "".join(f" eval acc ({k}) |" if k != "-" else " eval acc |" for k in routings)
+    head = (
+        "| model | family | params | non-emb params | step | FLOPs (paper) | tokens | val loss | train loss |"
+        + acc_cols
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    for r in sorted(results, key=lambda r: (FAMILY_ORDER.index(r.family), r.flops, r.name)):
+        accs = "".join(f" {100 * r.eval_acc[k]:.1f}% |" if k in r.eval_acc else " - |" for k in routings)
+        lines.append(
+            f"| {r.name} | {r.family} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | {r.flops:.3g} | "
+            f"{_si(r.tokens)} | {num(r.val_loss)} | {num(r.train_loss)} |" + accs
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
+    """val_loss_vs_flops.png and val_loss_vs_tokens.png: each run's curve (thin) and, per family, a line
+    through the runs' final points."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'mor-pretrain[plot]'") from None
+    with_val = [r for r in results if r.curve.val_loss]
+    if not with_val:
+        raise ValueError("no run has val/loss scalars in its tb/ folder: nothing to plot")
+    colors = {"vanilla": "tab:gray", "recursive": "tab:blue", "mor": "tab:red"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for axis, label in (("flops", "training FLOPs (paper convention)"), ("tokens", "training tokens")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for fam in FAMILY_ORDER:
+            runs = sorted((r for r in with_val if r.family == fam), key=lambda r: getattr(r.curve, axis)[-1])
+            for r in runs:
+                ax.plot(getattr(r.curve, axis), r.curve.val_loss, color=colors[fam], alpha=0.35, linewidth=1)
+            if runs:
+                xs = [getattr(r.curve, axis)[-1] for r in runs]
+                ax.plot(xs, [r.curve.val_loss[-1] for r in runs], "o-", color=colors[fam], label=fam)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"validation loss vs {label}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"val_loss_vs_{axis}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None) -> tuple[str, list[RunResult]]:
+    """Read the runs; with `out_dir`, also write results.md, results.json and the plots there."""
+    results = [read_run(d) for d in run_dirs]
+    table = results_table(results)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n")
+        plot_results(results, out)
+    return table, results

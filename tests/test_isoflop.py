@@ -1,0 +1,253 @@
+"""isoFLOP planning (budgets -> runs -> configs) and reporting (run folders -> table and plots)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mor_pretrain.config import dump_toml, load_config
+from mor_pretrain.isoflop import (
+    load_plan,
+    plan_config,
+    plan_sweep,
+    read_run,
+    step_fraction,
+    write_plan,
+    write_report,
+    wsd_steps,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_BATCH = ["--training.global_batch_size=1024", "--training.seq_len=2048"]
+
+
+def cfg_of(name, *overrides):
+    return load_config(ROOT / "train_configs" / f"{name}.toml", [*PAPER_BATCH, *overrides])
+
+
+def test_paper_budget_gives_published_step_counts():
+    (v,) = plan_config(cfg_of("vanilla_360m"), "v", [16.5e18])
+    (m,) = plan_config(cfg_of("mor_360m"), "m", [16.5e18])
+    assert (v.steps, m.steps) == (9438, 14161)  # paper, 360M at 16.5e18 with 1024 x 2048 tokens per step
+    assert v.tokens == 9438 * 1024 * 2048
+    assert (v.warmup_steps, v.decay_steps) == (472, 1888)  # 5% and 20% of 9,438
+    assert v.non_embedding_params == pytest.approx(315e6, rel=0.02)
+    assert v.executed_flops_per_token > 3 * v.paper_flops_per_token  # forward + backward + head
+    assert m.family == "mor" and v.family == "vanilla"
+    assert plan_config(cfg_of("recursive_360m"), "r", [1e18])[0].family == "recursive"
+
+
+def test_smaller_budgets_branch_from_the_largest_run():
+    big, mid, small = plan_config(cfg_of("vanilla_360m"), "v", [2e18, 16.5e18, 6e18])
+    assert [r.budget for r in (big, mid, small)] == [16.5e18, 6e18, 2e18]
+    for run, b in ((mid, 6e18), (small, 2e18)):
+        assert run.steps == round(b / 833.6e6 / (1024 * 2048))  # the paper's 833.6M FLOPs per token
+        assert run.branch_from == big.name
+        assert run.branch_step == run.steps - round(0.2 * run.steps)  # where its own decay begins
+        assert big.warmup_steps <= run.branch_step <= big.steps - big.decay_steps  # big run still at peak lr
+        assert run.warmup_steps == big.warmup_steps  # the shared trunk warmed up once
+    assert big.save_steps == sorted([mid.branch_step, small.branch_step])
+    assert big.branch_from is None
+
+
+def test_runs_that_cannot_branch_are_planned_alone():
+    # Decay starts before the big run's warmup ends: no checkpoint of the big run is on the shared trunk.
+    big, tiny = plan_config(cfg_of("vanilla_360m"), "v", [16.5e18, 2e17])
+    assert tiny.steps - tiny.decay_steps < big.warmup_steps
+    assert tiny.branch_from is None and big.save_steps == []
+    assert tiny.warmup_steps == round(0.05 * tiny.steps)
+    # A cosine schedule has no stable phase to branch from.
+    runs = plan_config(cfg_of("vanilla_360m", "--optimizer.schedule=cosine"), "v", [16.5e18, 6e18])
+    assert all(r.branch_from is None for r in runs)
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ValueError, match="planned twice"):
+        plan_sweep([("a.toml", cfg_of("mor_360m")), ("b.toml", cfg_of("mor_360m"))], [1e18])
+    with pytest.raises(ValueError, match="buys no optimizer step"):
+        plan_config(cfg_of("mor_360m"), "m.toml", [1e12])
+    with pytest.raises(ValueError, match="distinct"):
+        plan_config(cfg_of("mor_360m"), "m.toml", [1e18, 1e18])
+
+
+def test_step_fraction_survives_floor_and_round():
+    for steps in range(1, 400):
+        for n in range(0, steps + 1, max(1, steps // 7)):
+            f = step_fraction(n, steps)
+            assert math.floor(f * steps) == n and round(f * steps) == n and 0.0 <= f <= 1.0
+
+
+def test_plan_to_config_round_trip(tmp_path):
+    sources = {"v.toml": cfg_of("vanilla_360m"), "m.toml": cfg_of("mor_360m", "--run_root=/data/runs")}
+    runs = plan_sweep(list(sources.items()), [16.5e18, 6e18, 2e18])
+    write_plan(tmp_path, runs, sources)
+    reread = load_plan(tmp_path)
+    assert [r.name for r in reread] == [r.name for r in runs]
+    for r in reread:
+        cfg = load_config(tmp_path / r.config)
+        assert cfg.name == r.name and cfg.training.steps == r.steps
+        assert cfg.run_dir == Path(r.run_dir)
+        assert wsd_steps(r.steps, cfg.optimizer.warmup_fraction, cfg.optimizer.decay_fraction) == (
+            r.warmup_steps,
+            r.decay_steps,
+        )
+        assert cfg.checkpoint.save_steps == r.save_steps
+        # Everything else is the source config's.
+        src = sources["m.toml" if r.name.startswith("mor") else "v.toml"]
+        assert cfg.model == src.model and cfg.data == src.data and cfg.optimizer.lr == src.optimizer.lr
+        if r.branch_from:
+            ckpt = Path(src.run_root) / r.branch_from / "checkpoints" / f"step-{r.branch_step:08d}"
+            assert cfg.checkpoint.init_from == str(ckpt)
+            big = next(b for b in reread if b.name == r.branch_from)
+            assert r.branch_step in big.save_steps
+        else:
+            assert cfg.checkpoint.init_from == ""
+    assert load_config(tmp_path / "mor_360m_2e18.toml").checkpoint.init_from.startswith("/data/runs/mor_360m_1.65e19/")
+
+
+def test_cooldown_schedule_follows_the_big_run_until_it_branches(tmp_path):
+    optim = pytest.importorskip("mor_pretrain.optim")
+    sources = {"d.toml": load_config(ROOT / "train_configs/debug_mor.toml", ["--model.vocab_size=512"])}
+    big, small = plan_sweep(list(sources.items()), [2e11, 6e10])
+    write_plan(tmp_path, [big, small], sources)
+    cb, cs = (load_config(tmp_path / r.config).optimizer for r in (big, small))
+    b = small.branch_step
+    assert b is not None and 0 < b < small.steps
+    for step in range(b):
+        assert (
+            optim.lr_factor(step, small.steps, cs)
+            == optim.lr_factor(step, big.steps, cb)
+            == pytest.approx(min(1.0, (step + 1) / big.warmup_steps))
+        )
+    decay = [optim.lr_factor(s, small.steps, cs) for s in range(b, small.steps)]
+    assert all(x > y for x, y in zip(decay, decay[1:], strict=False)) and decay[-1] == pytest.approx(0.0)
+
+
+def isoflop_cli(*argv):
+    """tools/isoflop.py main(), run in this process (a subprocess would re-import torch)."""
+    spec = importlib.util.spec_from_file_location("isoflop_cli", ROOT / "tools/isoflop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+def test_plan_cli_prints_and_writes(tmp_path, capsys):
+    configs = [ROOT / "train_configs/vanilla_360m.toml", ROOT / "train_configs/mor_360m.toml"]
+    runs, plan_dir = tmp_path / "runs", tmp_path / "plan"
+    batch = ["--global-batch-size", 1024, "--seq-len", 2048]
+    rc = isoflop_cli(
+        "plan",
+        "--budget",
+        16.5e18,
+        2e18,
+        "--configs",
+        *configs,
+        *batch,
+        "--run-root",
+        runs,
+        "--write",
+        plan_dir,
+        "--checkpoint.keep_latest=3",
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 9438 |" in rows["vanilla_360m_1.65e19"] and "| 14161 |" in rows["mor_360m_1.65e19"]
+    assert "vanilla_360m_1.65e19 @" in rows["vanilla_360m_2e18"]
+    plan = json.loads((plan_dir / "plan.json").read_text())["runs"]
+    names = ["vanilla_360m_1.65e19", "vanilla_360m_2e18", "mor_360m_1.65e19", "mor_360m_2e18"]
+    assert [r["name"] for r in plan] == names
+    cfg = load_config(plan_dir / plan[3]["config"])
+    assert cfg.checkpoint.keep_latest == 3 and cfg.run_root == str(runs)
+    assert isoflop_cli("plan", "--budget", 1e18, "--configs", "nope.toml") == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# reporting, on run folders written the way the trainer and the evaluator write them
+
+
+def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_per_step=1024):
+    """A run folder with config.toml, real TensorBoard event files and optional eval JSON.
+
+    vals: {step: val_loss}; train/loss and the progress counters are logged every step up to the last."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--model.vocab_size=512", f"--name={name}"])
+    (run / "config.toml").write_text(dump_toml(cfg))
+    w = SummaryWriter(str(run / "tb"))
+    last = max(vals)
+    for step in range(1, last + 1):
+        w.add_scalar("train/loss", 10.0 - step / 10, step)
+        if step % 2 == 0 or step == last:  # counters logged on their own cadence
+            w.add_scalar("progress/flops_paper", step * flops_per_step, step)
+            w.add_scalar("progress/tokens", step * tokens_per_step, step)
+        if step in vals:
+            w.add_scalar("val/loss", vals[step], step)
+    w.close()
+    if evals is not None:
+        (run / "eval").mkdir()
+        results = [{"task": t, "routing": r, "metric": m, "value": v, "n": 100} for t, r, m, v in evals]
+        (run / "eval/final.json").write_text(json.dumps({"checkpoint": str(run / "export"), "results": results}))
+    return run
+
+
+def test_report_reads_runs_into_table_and_plots(tmp_path):
+    van = fake_run(
+        tmp_path,
+        "van",
+        "debug_vanilla",
+        {5: 6.0, 9: 5.5},
+        evals=[("piqa", None, "acc_norm", 0.6), ("piqa", None, "acc", 0.5), ("arc", None, "acc", 0.3)],
+    )
+    mor = fake_run(
+        tmp_path,
+        "mor",
+        "debug_mor",
+        {5: 5.9, 10: 5.25},
+        evals=[("piqa", "topk", "acc", 0.7), ("piqa", "causal", "acc", 0.65), ("lambada", "topk", "ppl", 30.0)],
+        flops_per_step=7e11,
+    )
+    short = fake_run(tmp_path, "van_short", "debug_vanilla", {3: 6.5})
+    table, results = write_report([van, mor, short], tmp_path / "out")
+    r = {x.name: x for x in results}
+    assert r["van"].val_loss == pytest.approx(5.5) and r["mor"].val_loss == pytest.approx(5.25)
+    assert r["van"].curve.steps == [5, 9] and r["van"].curve.val_loss == pytest.approx([6.0, 5.5])
+    # Step 5 lies between counters logged at 4 and 6: interpolated.
+    assert r["van"].curve.flops == pytest.approx([5e12, 9e12]) and r["mor"].flops == pytest.approx(10 * 7e11)
+    assert r["van"].tokens == 9 * 1024 and r["van"].train_loss == pytest.approx(10.0 - 0.9)
+    assert r["van"].eval_acc == {"-": pytest.approx((0.6 + 0.3) / 2)}  # acc_norm preferred, ppl ignored
+    assert r["mor"].eval_acc == {"topk": pytest.approx(0.7), "causal": pytest.approx(0.65)}
+    assert r["van_short"].eval_acc == {}
+    assert (r["van"].family, r["mor"].family) == ("vanilla", "mor")
+    assert r["van"].params > r["mor"].params > 0  # the recursive model shares its middle layers
+    lines = table.splitlines()
+    assert "eval acc (causal)" in lines[0] and "eval acc (topk)" in lines[0]
+    row = next(line for line in lines if line.startswith("| mor |"))
+    assert "5.2500" in row and "70.0%" in row and "65.0%" in row
+    assert (tmp_path / "out/results.md").read_text().strip() == table
+    assert json.loads((tmp_path / "out/results.json").read_text())[0]["name"] == "van"
+    import matplotlib.image
+
+    for png in ("val_loss_vs_flops.png", "val_loss_vs_tokens.png"):
+        img = matplotlib.image.imread(tmp_path / "out" / png)
+        assert img.shape[0] > 300 and img.shape[1] > 500
+        assert img[..., :3].std() > 0.05  # something was drawn
+
+
+def test_report_names_what_is_missing(tmp_path, capsys):
+    run = fake_run(tmp_path, "r", "debug_vanilla", {2: 6.0})
+    (run / "eval").mkdir()
+    (run / "eval/bad.json").write_text('{"results": [{"task": "piqa"}]}')
+    with pytest.raises(ValueError, match="bad.json"):
+        read_run(run)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/config.toml").write_text((run / "config.toml").read_text())
+    with pytest.raises(FileNotFoundError, match="empty"):
+        read_run(tmp_path / "empty")
+    assert isoflop_cli("report", tmp_path / "missing") == 2
+    assert "missing" in capsys.readouterr().err

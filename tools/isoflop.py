@@ -1,0 +1,79 @@
+"""isoFLOP studies: plan runs from FLOP budgets, and report on finished runs.
+
+  python tools/isoflop.py plan --budget 2e18 1e18 --configs train_configs/vanilla_360m.toml \\
+      train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--write DIR]
+      [--section.key=value ...]
+  python tools/isoflop.py report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+plan: budgets are in the paper's FLOP convention. Per config, the largest budget is a full run; smaller ones
+are cooldowns branched from its checkpoints (trapezoid reuse). --write DIR writes one TOML per run and
+plan.json; run them with `scripts/sweep.sh DIR`. Extra --section.key=value overrides apply to every config.
+report: a markdown table of the runs; with --out, also results.md, results.json and PNG plots of validation
+loss against FLOPs and tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from mor_pretrain.config import ConfigError, load_config
+from mor_pretrain.isoflop import plan_sweep, plan_table, write_plan, write_report
+
+
+def plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    extra = list(overrides)
+    if args.global_batch_size is not None:
+        extra.append(f"--training.global_batch_size={args.global_batch_size}")
+    if args.seq_len is not None:
+        extra.append(f"--training.seq_len={args.seq_len}")
+    if args.run_root is not None:
+        extra.append(f'--run_root="{args.run_root}"')
+    configs = {path: load_config(path, extra) for path in args.configs}
+    runs = plan_sweep(list(configs.items()), args.budget)
+    if args.write is not None:
+        path = write_plan(args.write, runs, configs)
+        print(f"wrote {len(runs)} run configs and {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([asdict(r) for r in runs], indent=2))
+    else:
+        print(plan_table(runs))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    table, _ = write_report(args.run_dirs, args.out)
+    print(table)
+    if args.out is not None:
+        print(f"wrote results.md, results.json and plots to {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("plan", help="turn FLOP budgets into runs")
+    pp.add_argument("--budget", type=float, nargs="+", required=True, help="FLOP budgets (paper convention)")
+    pp.add_argument("--configs", nargs="+", required=True, help="TOML configs, one model each")
+    pp.add_argument("--global-batch-size", type=int, default=None, help="sequences per step; default: config's")
+    pp.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: config's")
+    pp.add_argument("--run-root", default=None, help="run_root of the written configs; default: config's")
+    pp.add_argument("--write", default=None, metavar="DIR", help="write run configs and plan.json here")
+    pp.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    rp = sub.add_parser("report", help="table and plots from finished runs")
+    rp.add_argument("run_dirs", nargs="+", help="run folders (<run_root>/<name>)")
+    rp.add_argument("--out", default=None, metavar="DIR", help="write results.md, results.json and PNGs here")
+    args, overrides = p.parse_known_args(argv)
+    if args.command == "report" and overrides:
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    try:
+        return plan(args, overrides) if args.command == "plan" else report(args)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
