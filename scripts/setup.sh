@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --upgrade pip -q
-python -m pip install -e ".[dev]" -q
+python -m pip install -e ".[dev,plot]" -q
