@@ -32,6 +32,9 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.run_root is not None:
         extra.append(f'--run_root="{args.run_root}"')
     configs = {path: load_config(path, extra) for path in args.configs}
+    for path, cfg in configs.items():
+        if cfg.training.val_interval == 0:
+            print(f"warning: {path}: training.val_interval = 0, its runs log no val/loss to report", file=sys.stderr)
     runs = plan_sweep(list(configs.items()), args.budget)
     if args.write is not None:
         path = write_plan(args.write, runs, configs)
