@@ -88,8 +88,9 @@ class DataConfig:
     tokenizer: str = "default"  # SentencePiece model path; "default" = mistral-common's 32k model
     vocab_multiple: int = 64  # pad the embedding size up to a multiple of this
     num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle: bool = True  # shuffle shard order and use a shuffle buffer
-    shuffle_buffer: int = 64  # windows held in the shuffle buffer
+    lanes: int = 64  # disjoint parts per source, dealt to (rank, worker); >= ranks x workers, fixed for a run
+    shuffle: bool = True  # shuffle windows within blocks of shuffle_buffer in each lane, anew each epoch
+    shuffle_buffer: int = 64  # windows shuffled together
 
     def validate(self) -> None:
         if not self.sources:
@@ -100,6 +101,9 @@ class DataConfig:
             raise ConfigError(f"data.weights must all be > 0, got {self.weights}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("vocab_multiple", "lanes", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
