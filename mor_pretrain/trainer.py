@@ -1,0 +1,391 @@
+"""The training loop: `train(cfg)` sets up, loops, validates, logs and exports. Details live in the helpers.
+
+Loss normalization: the model returns per-micro-batch means. Each micro-batch's LM loss is weighted by its
+share of the global batch's scored tokens and each auxiliary loss by its share of the global batch's
+sequences, times the data-parallel size (FSDP averages gradients over data-parallel ranks). So the same
+global batch gives the same gradients however it is split over micro-batches, accumulation and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import loss_parallel
+
+from mor_pretrain.config import ConfigError, JobConfig, dump_toml
+from mor_pretrain.export import save_exported
+from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
+from mor_pretrain.metrics import MetricLogger, memory_stats, peak_flops, reduce_scalars, routing_scalars
+from mor_pretrain.models import MoRModel
+from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
+from mor_pretrain.parallel import DTYPES, build_mesh, dp_coordinates, parallelize
+
+logger = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TrainState:
+    """Progress counters saved with checkpoints. tokens_seen counts positions trained on (global)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    flops_paper: float = 0.0
+    flops_executed: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(sd[f.name]))
+
+
+@dataclass
+class Parallel:
+    """Where this rank sits: its device, the mesh and its data shard."""
+
+    device: torch.device
+    mesh: DeviceMesh
+    dp_rank: int
+    dp_world: int
+    tp: int
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank quantity over data-parallel ranks. TP ranks hold the same data, so the world sum
+        counts it tp times."""
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.tp
+
+
+@dataclass
+class StepLosses:
+    """Detached, on-device sums for one optimizer step; all are this rank's share of global means."""
+
+    lm: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    scored_tokens: torch.Tensor | None = None  # global count of labels != IGNORE
+    tc_load: torch.Tensor | None = None  # token-choice tokens per depth, summed over micro-batches
+
+
+def init_distributed(device_kind: str) -> torch.device:
+    """Join (or, without torchrun, create) the process group; gloo on CPU, nccl on GPU."""
+    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), device_id=device if use_cuda else None)
+    return device
+
+
+def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRModel:
+    """Build on meta, parallelize, allocate on the device, then load rank 0's seeded initialization.
+
+    Random init applied to sharded DTensors is not layout-invariant on CPU (each shard draws the same
+    numbers), so rank 0 initializes the full model on CPU and broadcasts it: the same seed gives the same
+    weights on any mesh, and a distributed run starts exactly where a single-process one does.
+    """
+    with torch.device("meta"):
+        model = MoRModel(cfg.model)
+    parallelize(model, mesh, cfg.parallelism, DTYPES[cfg.training.dtype])
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()  # fills the non-persistent buffers (RoPE); parameters are overwritten below
+    full: dict[str, Any] = {}
+    if dist.get_rank() == 0:
+        torch.manual_seed(cfg.training.seed)
+        reference = MoRModel(cfg.model)
+        reference.init_weights()
+        full = reference.state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    return model
+
+
+def grad_accumulation(cfg: JobConfig, dp_world: int) -> int:
+    t = cfg.training
+    per_step = t.micro_batch_size * dp_world
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of training.micro_batch_size "
+            f"x data-parallel ranks ({t.micro_batch_size} x {dp_world} = {per_step})"
+        )
+    return t.global_batch_size // per_step
+
+
+def forward_context(tp: int) -> contextlib.AbstractContextManager:
+    """Under TP the logits are vocab-sharded DTensors: cross-entropy runs as loss_parallel, and the model's
+    own sum of the DTensor LM loss and its plain auxiliary losses treats the plain ones as replicated."""
+    if tp == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(loss_parallel())
+    stack.enter_context(implicit_replication())
+    return stack
+
+
+def backward_context(tp: int) -> contextlib.AbstractContextManager:
+    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (differentiable); plain tensors pass through."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def forward_backward(
+    model: MoRModel, batches: list[dict[str, torch.Tensor]], par: Parallel, global_batch: int
+) -> StepLosses:
+    """Forward and backward over this rank's micro-batches, every loss normalized per global batch."""
+    counts = [(b["labels"] != IGNORE).sum() for b in batches]
+    scored = par.dp_sum(torch.stack(counts).sum().to(par.device, torch.float32)).clamp(min=1)
+    out_sums = StepLosses(lm=torch.zeros((), device=par.device), scored_tokens=scored)
+    for batch, n in zip(batches, counts, strict=True):
+        inp = batch["input"].to(par.device, non_blocking=True)
+        labels = batch["labels"].to(par.device, non_blocking=True)
+        tok_share = n.to(par.device) / scored
+        seq_share = inp.shape[0] / global_batch
+        with forward_context(par.tp):
+            out = model(inp, labels, return_logits=False)
+        assert out.lm_loss is not None
+        # Combine plain tensors only: a DTensor gradient must not flow into the plain aux-loss graph.
+        lm = plain(out.lm_loss)
+        loss = lm * (tok_share * par.dp_world)
+        for a in out.aux_losses.values():
+            loss = loss + a * (seq_share * par.dp_world)
+        with backward_context(par.tp):
+            loss.backward()
+        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, out.stats, seq_share)
+    return out_sums
+
+
+def accumulate(
+    sums: StepLosses, lm: torch.Tensor, aux: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], share: float
+) -> None:
+    sums.lm = sums.lm + lm
+    for k, v in aux.items():
+        sums.aux[k] = sums.aux.get(k, 0) + v.detach() * share
+    for k, v in stats.items():
+        if k == "tc_load":
+            sums.tc_load = v if sums.tc_load is None else sums.tc_load + v
+        sums.stats[k] = sums.stats.get(k, 0) + v.float() * (1 if v.ndim else share)
+
+
+def train_step(
+    model: MoRModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    par: Parallel,
+    cfg: JobConfig,
+) -> tuple[StepLosses, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches. Returns the losses and the pre-clip grad norm."""
+    losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
+    if cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item():
+        logger.warning("non-finite grad norm: update skipped")
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_router_bias(model, losses.tc_load)
+    return losses, grad_norm
+
+
+def update_router_bias(model: MoRModel, load: torch.Tensor | None) -> None:
+    """Token choice, loss-free balancing: the same update on every rank from the load summed over all
+    ranks (the sign rule is scale-free, so TP duplicates in the sum do not matter)."""
+    if load is None or model.args.balancing != "loss_free":
+        return
+    load = load.clone()
+    dist.all_reduce(load)
+    model.update_router_bias(load)
+
+
+@torch.no_grad()
+def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dict[str, float]:
+    """Mean LM loss over the first n_batches micro-batches of the val split (the same on every call).
+    Ranks run the same number of forwards (the smallest count among them) so FSDP collectives match."""
+    batches = list(islice(iter(loader), n_batches))
+    n = torch.tensor(len(batches), device=par.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    if n.item() == 0:
+        raise RuntimeError("validation: the val split gave no batch on some rank; check data.val_sources")
+    total = torch.zeros((), device=par.device)
+    count = torch.zeros((), device=par.device)
+    for batch in batches[: int(n.item())]:
+        labels = batch["labels"].to(par.device)
+        with forward_context(par.tp):
+            out = model(batch["input"].to(par.device), labels, return_logits=False)
+        assert out.lm_loss is not None
+        scored = (labels != IGNORE).sum()
+        total += plain(out.lm_loss).float() * scored
+        count += scored
+    loss = (par.dp_sum(total) / par.dp_sum(count).clamp(min=1)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class LogWindow:
+    """What the current log interval has accumulated on device, and when it started."""
+
+    start: float = field(default_factory=time.perf_counter)
+    scored_tokens: torch.Tensor | None = None
+    positions: int = 0
+    steps: int = 0
+
+    def add(self, scored: torch.Tensor | None, positions: int) -> None:
+        assert scored is not None
+        self.scored_tokens = scored if self.scored_tokens is None else self.scored_tokens + scored
+        self.positions += positions
+        self.steps += 1
+
+
+def log_step(
+    step: int,
+    losses: StepLosses,
+    grad_norm: torch.Tensor,
+    lr: float,
+    window: LogWindow,
+    state: TrainState,
+    flops_per_position: float,
+    peak: float | None,
+    par: Parallel,
+) -> dict[str, float]:
+    """Reduce the step's metrics (one collective, one host sync) and return them as TensorBoard tags."""
+    aux_total = sum(losses.aux.values(), torch.zeros((), device=par.device))
+    tensors = {
+        # dp_world x (this rank's share of the global mean), averaged over ranks = the global mean
+        "train/lm_loss": losses.lm * par.dp_world,
+        "train/loss": (losses.lm + aux_total) * par.dp_world,
+        **{f"train/aux/{k}": v * par.dp_world for k, v in losses.aux.items()},
+        "train/grad_norm": grad_norm,
+        "window/scored_tokens": window.scored_tokens,
+        **routing_scalars({k: v for k, v in losses.stats.items() if k != "tc_load"}),
+    }
+    values = reduce_scalars({k: v for k, v in tensors.items() if v is not None})
+    elapsed = time.perf_counter() - window.start
+    scored = values.pop("window/scored_tokens")
+    values["train/lr"] = lr
+    values["perf/tokens_per_s"] = scored / elapsed
+    values["perf/step_time_s"] = elapsed / window.steps
+    if peak is not None:
+        values["perf/mfu"] = flops_per_position * window.positions / (elapsed * peak * dist.get_world_size())
+    values.update({f"mem/{k}": v for k, v in memory_stats(par.device).items()})
+    values["progress/tokens"] = float(state.tokens_seen)
+    values["progress/flops_paper"] = state.flops_paper
+    values["progress/flops_executed"] = state.flops_executed
+    return values
+
+
+def export_final(model: MoRModel, cfg: JobConfig, rank: int) -> None:
+    """Gather full weights to CPU and write <run_dir>/export on rank 0 (every rank joins the gather)."""
+    sd: dict[str, Any] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        dtype = torch.bfloat16 if cfg.checkpoint.export_bf16 else None
+        save_exported(cfg.run_dir / "export", cfg.model, sd, dtype=dtype, extra={"tokenizer": cfg.data.tokenizer})
+
+
+def batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    out = list(islice(it, n))
+    if len(out) < n:
+        raise RuntimeError("the train data loader ended; split 'train' must repeat forever")
+    return out
+
+
+def train(cfg: JobConfig) -> TrainState:
+    """Run the job described by `cfg` (validated); returns the final TrainState."""
+    from mor_pretrain.data import build_dataloader
+    from mor_pretrain.data.tokenizer import resolve_vocab_size
+
+    t = cfg.training
+    device = init_distributed(t.device)
+    mesh = build_mesh(cfg.parallelism, device.type)
+    dp_rank, dp_world = dp_coordinates(mesh)
+    par = Parallel(device, mesh, dp_rank, dp_world, mesh["tp"].size())
+    accum = grad_accumulation(cfg, dp_world)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = resolve_vocab_size(cfg.data)
+    if par.rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
+
+    model = build_model(cfg, mesh, device)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.optimizer, t.steps)
+    loader_kw: dict[str, Any] = dict(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank)
+    train_loader = build_dataloader(cfg.data, split="train", dp_world=dp_world, seed=t.seed, **loader_kw)
+    val_loader = None
+    if t.val_interval:
+        val_loader = build_dataloader(cfg.data, split="val", dp_world=dp_world, seed=t.seed, **loader_kw)
+    state = TrainState()
+    # Checkpoint seam (issue 5): resume model/optimizer/lr_scheduler/dataloader/train_state here.
+
+    positions = t.global_batch_size * t.seq_len
+    exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
+    paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
+    peak = peak_flops(device, cfg.metrics.peak_tflops)
+    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank)
+    if par.rank == 0:
+        print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
+    first_step = state.step
+    window = LogWindow()
+    train_iter = iter(train_loader)
+    while state.step < t.steps:
+        losses, grad_norm = train_step(model, optimizer, scheduler, batches(train_iter, accum), par, cfg)
+        state.step += 1
+        state.tokens_seen += positions
+        state.flops_paper += paper_per_pos * positions
+        state.flops_executed += exec_per_pos * positions
+        window.add(losses.scored_tokens, positions)
+        if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
+            lr = float(scheduler.get_last_lr()[0])
+            values = log_step(state.step, losses, grad_norm, lr, window, state, exec_per_pos, peak, par)
+            finite = math.isfinite(values["train/loss"]) and math.isfinite(values["train/grad_norm"])
+            if t.nonfinite == "stop" and not finite:
+                raise FloatingPointError(f"step {state.step}: non-finite loss or grad norm: {values}")
+            metrics.log(state.step, values, state.step - first_step)
+            window = LogWindow()
+        if val_loader is not None and state.step % t.val_interval == 0:
+            metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
+        # Checkpoint seam (issue 5): save every checkpoint.interval steps and at the end.
+
+    export_final(model, cfg, par.rank)
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return state
