@@ -163,6 +163,7 @@ def _fsdp_worker(rank, world, ckdir, out, save):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_checkpoint_reshards_from_2_ranks_to_1(tmp_path):
     os.environ["CK_PORT"] = str(free_port())
