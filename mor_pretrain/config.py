@@ -90,7 +90,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     lanes: int = 64  # disjoint parts per source, dealt to (rank, worker); >= ranks x workers, fixed for a run
     shuffle: bool = True  # shuffle windows within blocks of shuffle_buffer in each lane, anew each epoch
-    shuffle_buffer: int = 64  # windows shuffled together
+    shuffle_buffer: int = 16  # windows shuffled together per lane (a worker fills lanes x this before its first batch)
 
     def validate(self) -> None:
         if not self.sources:
