@@ -41,16 +41,16 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def peak_flops(device: torch.device, override_tflops: float) -> float | None:
-    """Peak FLOP/s of one device: the override if set, else the table. None (with a warning) if unknown:
-    a wrong guess would report a wrong MFU, which is worse than none."""
+def peak_flops(name: str, override_tflops: float, warn: bool = True) -> float | None:
+    """Peak FLOP/s of one device called `name`: the override if set, else the table. None (with a warning)
+    if unknown: a guessed peak would report a wrong MFU, which is worse than none."""
     if override_tflops > 0:
         return override_tflops * 1e12
-    name = device_name(device)
     for key, tflops in PEAK_TFLOPS.items():
         if key in name:
             return tflops * 1e12
-    logger.warning("no bf16 peak known for device %r: MFU is not reported; set metrics.peak_tflops", name)
+    if warn:
+        logger.warning("no bf16 peak known for device %r: MFU is not reported; set metrics.peak_tflops", name)
     return None
 
 

@@ -32,7 +32,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from mor_pretrain.config import ConfigError, JobConfig, dump_toml
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
-from mor_pretrain.metrics import MetricLogger, memory_stats, peak_flops, reduce_scalars, routing_scalars
+from mor_pretrain.metrics import MetricLogger, device_name, memory_stats, peak_flops, reduce_scalars, routing_scalars
 from mor_pretrain.models import MoRModel
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from mor_pretrain.parallel import DTYPES, build_mesh, dp_coordinates, parallelize
@@ -358,7 +358,7 @@ def train(cfg: JobConfig) -> TrainState:
     positions = t.global_batch_size * t.seq_len
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
     paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
-    peak = peak_flops(device, cfg.metrics.peak_tflops)
+    peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0)
     metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank)
     if par.rank == 0:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
@@ -366,6 +366,7 @@ def train(cfg: JobConfig) -> TrainState:
     window = LogWindow()
     train_iter = iter(train_loader)
     while state.step < t.steps:
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
         losses, grad_norm = train_step(model, optimizer, scheduler, batches(train_iter, accum), par, cfg)
         state.step += 1
         state.tokens_seen += positions
@@ -373,7 +374,6 @@ def train(cfg: JobConfig) -> TrainState:
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
-            lr = float(scheduler.get_last_lr()[0])
             values = log_step(state.step, losses, grad_norm, lr, window, state, exec_per_pos, peak, par)
             finite = math.isfinite(values["train/loss"]) and math.isfinite(values["train/grad_norm"])
             if t.nonfinite == "stop" and not finite:

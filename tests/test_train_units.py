@@ -1,0 +1,160 @@
+"""Single-process pieces of the trainer: schedules, parameter groups, grad norm, mesh shapes, MFU peaks,
+activation checkpointing and regional compile."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from mor_pretrain.config import ConfigError, JobConfig, OptimizerConfig, ParallelismConfig, TrainingConfig
+from mor_pretrain.metrics import peak_flops, reduce_scalars, routing_scalars
+from mor_pretrain.optim import clip_grad_norm, grad_norm, lr_factor, param_groups
+from mor_pretrain.parallel import apply_ac, apply_compile, mesh_shape
+from mor_pretrain.trainer import TrainState, grad_accumulation
+
+
+def test_wsd_schedule_is_a_trapezoid():
+    cfg = OptimizerConfig(schedule="wsd", warmup_fraction=0.1, decay_fraction=0.2, min_lr_ratio=0.1)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert all(x == 1.0 for x in f[10:80])  # stable
+    assert f[80] == pytest.approx(1 - 0.9 / 20) and f[99] == pytest.approx(0.1)  # linear decay, last 20
+    assert all(a > b for a, b in zip(f[80:], f[81:], strict=False))
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    cfg = OptimizerConfig(schedule="cosine", warmup_fraction=0.0, min_lr_ratio=0.0)
+    f = [lr_factor(s, 50, cfg) for s in range(50)]
+    assert f[-1] == pytest.approx(0.0, abs=1e-12)
+    assert f[24] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 25 / 50)).item()))
+    assert all(a >= b for a, b in zip(f, f[1:], strict=False))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_groups_skip_norms_and_embeddings(tied):
+    model = tiny_model(router="expert", tie_embeddings=tied)
+    decay, no_decay = param_groups(model, decay_all=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0
+    assert "tok_embeddings.weight" in kept and "norm.weight" in kept
+    assert all("norm" not in n for n in decayed)
+    assert "stack.layers.0.attention.wq.weight" in decayed and "stack.routers.0.net.weight" in decayed
+    assert ("output.weight" in decayed) == (not tied)
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+    all_decay, none = param_groups(model, decay_all=True)
+    assert len(all_decay["params"]) == len(list(model.parameters())) and not none["params"]
+
+
+def test_grad_norm_and_clipping_match_torch():
+    model = tiny_model(router="expert")
+    model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))).loss.backward()
+    params = list(model.parameters())
+    expected = torch.cat([p.grad.flatten() for p in params]).double().norm()
+    assert grad_norm(params).item() == pytest.approx(expected.item(), rel=1e-6)
+    norm = clip_grad_norm(params, 0.1 * expected.item())
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert grad_norm(params).item() == pytest.approx(0.1 * expected.item(), rel=1e-4)
+
+
+def test_mesh_shape_checks_the_world_size():
+    assert mesh_shape(ParallelismConfig(dp_shard=-1, tp=2), 8) == (1, 4, 2)
+    assert mesh_shape(ParallelismConfig(dp_replicate=2, dp_shard=2, tp=1), 4) == (2, 2, 1)
+    with pytest.raises(ConfigError, match="does not equal the world size 4"):
+        mesh_shape(ParallelismConfig(dp_shard=2, tp=4), 4)
+    with pytest.raises(ConfigError, match="not divisible"):
+        mesh_shape(ParallelismConfig(dp_shard=-1, tp=3), 4)
+
+
+def test_grad_accumulation_needs_whole_micro_batches():
+    cfg = JobConfig(training=TrainingConfig(global_batch_size=16, micro_batch_size=4))
+    assert grad_accumulation(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="multiple of training.micro_batch_size"):
+        grad_accumulation(cfg, 3)
+
+
+def test_peak_table_override_and_unknown_device(caplog):
+    assert peak_flops("NVIDIA H100 80GB HBM3", 0.0) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", 0.0) == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", 0.0) == 312e12
+    assert peak_flops("cpu", 2.5) == 2.5e12
+    with caplog.at_level(logging.WARNING):
+        assert peak_flops("cpu", 0.0) is None
+    assert "MFU is not reported" in caplog.text
+
+
+def test_reduce_and_routing_scalars_without_a_process_group():
+    stats = {"mean_depth": torch.tensor(2.5), "tokens_per_depth": torch.tensor([0, 1, 3])}
+    flat = routing_scalars(stats)
+    assert set(flat) == {
+        "routing/mean_depth",
+        "routing/tokens_per_depth/0",
+        "routing/tokens_per_depth/1",
+        "routing/tokens_per_depth/2",
+    }
+    values = reduce_scalars(flat)
+    assert values["routing/tokens_per_depth/2"] == pytest.approx(0.75)
+
+
+def test_train_state_round_trip():
+    s = TrainState(step=7, tokens_seen=1024, flops_paper=1.5e12, flops_executed=4.5e12)
+    t = TrainState()
+    t.load_state_dict(s.state_dict())
+    assert t == s
+
+
+def _grads_and_aux(model, tokens, labels):
+    out = model(tokens, labels, return_logits=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, grads, out.depth
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("kv_mode", ["recursion", "share"])
+def test_activation_checkpointing_keeps_grads_and_aux_losses(mode, kv_mode):
+    tokens, labels = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 24))
+    ref = tiny_model(router="expert", kv_mode=kv_mode, aux_router=True, z_loss_coef=1e-3)
+    ac = copy.deepcopy(ref)
+    apply_ac(ac, mode)
+    loss0, aux0, grads0, depth0 = _grads_and_aux(ref, tokens, labels)
+    loss1, aux1, grads1, depth1 = _grads_and_aux(ac, tokens, labels)
+    assert set(aux1) == set(aux0) == {"router_bce", "router_z", "aux_router_bce"}
+    for k in aux0:
+        torch.testing.assert_close(aux1[k], aux0[k], rtol=0, atol=0)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert torch.equal(depth1, depth0)
+    assert set(grads1) == set(grads0)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert [n for n, _ in ac.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+@pytest.mark.slow  # inductor compiles on CPU: about 30 s cold
+def test_regional_compile_matches_eager_and_stops_recompiling():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ref = tiny_model(router="expert")
+    compiled = copy.deepcopy(ref)
+    apply_compile(compiled)
+    batches = [(torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 24))) for _ in range(4)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, compiled)]
+    graphs = []
+    for tokens, labels in batches:
+        losses = []
+        for model, opt in zip((ref, compiled), opts, strict=True):
+            loss = model(tokens, labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0, "nothing was compiled"
+    assert graphs[1] == graphs[2] == graphs[3], f"recompiled after the first steps: {graphs}"
