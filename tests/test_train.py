@@ -17,7 +17,10 @@ from mor_pretrain.config import load_config
 from mor_pretrain.export import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["the", "king", "walked", "to", "the", "river", "and", "the", "stone", "was", "cold", "in", "the", "morning", "light", "of", "a", "long", "day"]
+WORDS = [
+    *("the", "king", "walked", "to", "the", "river", "and", "the", "stone", "was"),
+    *("cold", "in", "the", "morning", "light", "of", "a", "long", "day"),
+]
 
 
 def write_corpus(root: Path) -> Path:
