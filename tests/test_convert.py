@@ -1,0 +1,221 @@
+import dataclasses
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from conftest import tiny_args, tiny_model
+
+from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+from mor_pretrain.convert import (
+    COMPLETE,
+    dcp_to_export,
+    export_to_dcp,
+    load_dcp_model,
+    load_hf_llama,
+    save_hf_llama,
+    to_hf_llama,
+    unpermute_qk,
+    upcycle,
+)
+from mor_pretrain.export import load_exported
+from mor_pretrain.models import MoRModel
+from mor_pretrain.models.layers import apply_rope, rope_table
+
+
+def job_toml(args):
+    return dump_toml(JobConfig(model=args, training=TrainingConfig(seq_len=16)))
+
+
+def write_run_checkpoint(run, model, step=3):
+    """A run folder as the trainer lays it out: config.toml + checkpoints/step-N with a DCP save."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.toml").write_text(job_toml(model.args))
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    state = {"model": model.state_dict(), "train_state": {"step": torch.tensor(step)}}
+    dcp.save(state, checkpoint_id=str(ckpt))
+    (ckpt / COMPLETE).write_text(f"{step}\n")
+    return ckpt
+
+
+def test_dcp_to_export_and_back(tmp_path):
+    model = tiny_model(router="expert", kv_mode="share", capacities=[1.0, 0.5, 0.25])
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    out = dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False)
+    loaded, meta = load_exported(out)
+    assert meta["model"]["capacities"] == [1.0, 0.5, 0.25] and meta["tokenizer"] == "default"
+    x = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    back = export_to_dcp(out, tmp_path / "run" / "checkpoints" / "step-00000009")
+    _, state, _ = load_dcp_model(back, config=tmp_path / "run" / "config.toml", progress=False)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    with pytest.raises(FileExistsError):
+        export_to_dcp(out, back)
+
+
+def test_vocab_size_zero_is_read_from_the_checkpoint(tmp_path):
+    model = tiny_model()
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    (tmp_path / "zero.toml").write_text(job_toml(dataclasses.replace(model.args, vocab_size=0)))
+    args, _, _ = load_dcp_model(ckpt, config=tmp_path / "zero.toml", progress=False)
+    assert args.vocab_size == 97
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    model = tiny_model()
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    (tmp_path / "other.toml").write_text(job_toml(dataclasses.replace(model.args, d_ffn=48)))
+    with pytest.raises(ValueError, match=r"does not match.*feed_forward"):
+        load_dcp_model(ckpt, config=tmp_path / "other.toml", progress=False)
+    data = next(ckpt.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_dcp_model(ckpt, progress=False)
+    (ckpt / COMPLETE).unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_dcp_model(ckpt, progress=False)
+    with pytest.raises(ValueError, match="not a DCP checkpoint"):
+        load_dcp_model(tmp_path / "run", progress=False)
+
+
+def _fsdp_save_worker(rank, world, port, ckpt):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model(seed=7, router="expert")
+    fully_shard(model.stack)
+    fully_shard(model)
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
+    if rank == 0:
+        with open(os.path.join(ckpt, COMPLETE), "w") as f:
+            f.write("1\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sharded_two_rank_checkpoint_converts_without_a_process_group(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    ref = tiny_model(seed=7, router="expert")
+    (run / "config.toml").write_text(job_toml(ref.args))
+    ckpt = run / "checkpoints" / "step-00000001"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_save_worker, args=(2, port, str(ckpt)), nprocs=2, join=True)
+    assert not dist.is_initialized()
+    loaded, _ = load_exported(dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_recursions=1, sharing="cycle", tie_embeddings=False),
+        dict(num_recursions=1, sharing="cycle", tie_embeddings=True),
+        dict(num_recursions=3, sharing="middle_cycle"),  # unrolled: shared layers repeat
+        dict(num_recursions=2, n_layers=6, sharing="sequence"),
+    ],
+)
+def test_hf_llama_gives_equal_logits(tmp_path, kw):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(rope_theta=1e5, **kw)
+    out = save_hf_llama(tmp_path / "hf", model.args, model.state_dict(), torch.float32)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_llama_round_trip_and_refusals(tmp_path):
+    model = tiny_model(num_recursions=1, sharing="cycle", tie_embeddings=False)
+    save_hf_llama(tmp_path / "hf", model.args, model.state_dict(), torch.float32)
+    args, state = load_hf_llama(tmp_path / "hf")
+    assert args == model.args
+    back = MoRModel(args)
+    back.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    routed = tiny_model(router="expert")
+    with pytest.raises(ValueError, match="routing"):
+        to_hf_llama(routed.args, routed.state_dict())
+
+
+def _interleaved_rope(x, theta):
+    """llama.cpp's RoPE: rotates adjacent pairs (x[2i], x[2i+1])."""
+    t, d = x.shape[-2], x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    ang = torch.outer(torch.arange(t).float(), inv)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], dim=-1)
+    return out.flatten(-2)
+
+
+def test_gguf_qk_unpermute_turns_interleaved_rope_into_rotate_half():
+    torch.manual_seed(0)
+    heads, hd, dim, t, theta = 3, 8, 16, 5, 1e4
+    wq, wk = torch.randn(heads * hd, dim), torch.randn(heads * hd, dim)  # GGUF row order
+    x = torch.randn(t, dim)
+
+    def heads_of(w):
+        return (x @ w.T).view(t, heads, hd).transpose(0, 1)  # (heads, t, hd)
+
+    ref = _interleaved_rope(heads_of(wq), theta) @ _interleaved_rope(heads_of(wk), theta).transpose(-1, -2)
+    rope = rope_table(hd, t, theta)[None]
+    q = apply_rope(heads_of(unpermute_qk(wq, heads))[None], rope[None])
+    k = apply_rope(heads_of(unpermute_qk(wk, heads))[None], rope[None])
+    torch.testing.assert_close(q @ k.transpose(-1, -2), ref[None], rtol=1e-5, atol=1e-5)
+
+
+def _block(state, prefix):
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize(
+    "strategy, sources",
+    [("lower", [[1], [2]]), ("upper", [[5], [6]]), ("stepwise", [[1], [4]]), ("average", [[1, 3, 5], [2, 4, 6]])],
+)
+def test_upcycle_strategies_pick_the_documented_layers(strategy, sources):
+    src = tiny_model(num_recursions=1, sharing="cycle")  # 8 vanilla layers
+    target = tiny_args(router="expert")  # middle_cycle, Nr=3: first, 2 shared x 3, last
+    new = upcycle(src.args, src.state_dict(), target, strategy)
+    sd = src.state_dict()
+    for j, picks in enumerate(sources):
+        got = _block(new, f"stack.layers.{j}.")
+        for name, v in got.items():
+            want = torch.stack([sd[f"stack.layers.{i}.{name}"] for i in picks]).mean(0)
+            torch.testing.assert_close(v, want, rtol=0, atol=1e-7)
+    for name, v in _block(new, "first.").items():
+        torch.testing.assert_close(v, sd[f"stack.layers.0.{name}"])
+    for name, v in _block(new, "last.").items():
+        torch.testing.assert_close(v, sd[f"stack.layers.7.{name}"])
+    model = MoRModel(target)
+    model.load_state_dict(new)  # strict: routers are present (fresh)
+    assert torch.isfinite(model(torch.randint(0, 97, (1, 12))).logits).all()
+
+
+def test_upcycle_random_keeps_only_embeddings_and_edges_and_identity_is_exact():
+    src = tiny_model(num_recursions=1, sharing="cycle")
+    sd = src.state_dict()
+    new = upcycle(src.args, sd, tiny_args(num_recursions=2, sharing="cycle"), "random", seed=1)
+    torch.testing.assert_close(new["tok_embeddings.weight"], sd["tok_embeddings.weight"])
+    w = new["stack.layers.0.attention.wq.weight"]
+    assert all(not torch.equal(w, sd[f"stack.layers.{i}.attention.wq.weight"]) for i in range(8))
+    same = upcycle(src.args, sd, src.args, "stepwise")
+    x = torch.randint(0, 97, (2, 10))
+    twin = MoRModel(src.args)
+    twin.load_state_dict(same)
+    torch.testing.assert_close(twin(x).logits, src(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="strategy"):
+        upcycle(src.args, sd, src.args, "middle")
+    with pytest.raises(ValueError, match="d_ffn"):
+        upcycle(src.args, sd, tiny_args(d_ffn=48), "lower")
