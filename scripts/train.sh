@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Train on one machine: one process per GPU, or NGPU CPU processes (gloo) when there is no GPU.
+#   CONFIG=train_configs/mor_360m.toml NGPU=8 bash scripts/train.sh [--section.key=value ...]
+# Defaults: CONFIG=train_configs/debug_mor.toml; NGPU = the GPU count, or 2 without a GPU.
+# DRY=1 only parses the config and builds the model on the meta device (no data, no devices).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${CONFIG:-train_configs/debug_mor.toml}
+PYTHON=${PYTHON:-python}
+if [[ -z "${NGPU:-}" ]]; then
+    NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+if [[ "${DRY:-0}" == 1 ]]; then
+    exec "$PYTHON" train.py --config "$CONFIG" --dry-run "$NGPU" "$@"
+fi
+# One intra-op thread per process, unless the caller chose otherwise (CPU ranks share the cores).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --config "$CONFIG" "$@"
