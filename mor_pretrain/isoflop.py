@@ -269,7 +269,8 @@ class RunResult:
     step: int  # last step with a logged scalar
     flops: float  # paper-convention FLOPs spent by that step
     tokens: float
-    val_loss: float | None
+    val_loss: float | None  # the last val/loss logged
+    val_step: int | None  # the step it was logged at
     train_loss: float | None
     eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> mean accuracy over tasks
     eval_tasks: int
@@ -369,6 +370,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         flops=spent("progress/flops_paper", last, fpt),
         tokens=spent("progress/tokens", last, 1.0),
         val_loss=val[vsteps[-1]] if vsteps else None,
+        val_step=vsteps[-1] if vsteps else None,
         train_loss=train[max(train)] if train else None,
         eval_acc=_pick_accuracy(evals),
         eval_tasks=len({e["task"] for e in evals}),
@@ -391,9 +393,10 @@ def results_table(results: list[RunResult]) -> str:
 
     for r in sorted(results, key=lambda r: (FAMILY_ORDER.index(r.family), r.flops, r.name)):
         accs = "".join(f" {100 * r.eval_acc[k]:.1f}% |" if k in r.eval_acc else " - |" for k in routings)
+        at = f" (step {r.val_step})" if r.val_step not in (None, r.step) else ""  # validated before the end
         lines.append(
             f"| {r.name} | {r.family} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | {r.flops:.3g} | "
-            f"{_si(r.tokens)} | {num(r.val_loss)} | {num(r.train_loss)} |" + accs
+            f"{_si(r.tokens)} | {num(r.val_loss)}{at} | {num(r.train_loss)} |" + accs
         )
     return "\n".join(lines)
 

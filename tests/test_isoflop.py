@@ -169,10 +169,11 @@ def test_plan_cli_prints_and_writes(tmp_path, capsys):
 # reporting, on run folders written the way the trainer and the evaluator write them
 
 
-def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_per_step=1024):
+def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_per_step=1024, last_step=None):
     """A run folder with config.toml, real TensorBoard event files and optional eval JSON.
 
-    vals: {step: val_loss}; train/loss and the progress counters are logged every step up to the last."""
+    vals: {step: val_loss}; train/loss and the progress counters are logged every step up to last_step
+    (default: the last validation)."""
     from torch.utils.tensorboard import SummaryWriter
 
     run = Path(root) / name
@@ -180,7 +181,7 @@ def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_p
     cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--model.vocab_size=512", f"--name={name}"])
     (run / "config.toml").write_text(dump_toml(cfg))
     w = SummaryWriter(str(run / "tb"))
-    last = max(vals)
+    last = last_step or max(vals)
     for step in range(1, last + 1):
         w.add_scalar("train/loss", 10.0 - step / 10, step)
         if step % 2 == 0 or step == last:  # counters logged on their own cadence
@@ -211,6 +212,7 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
         {5: 5.9, 10: 5.25},
         evals=[("piqa", "topk", "acc", 0.7), ("piqa", "causal", "acc", 0.65), ("lambada", "topk", "ppl", 30.0)],
         flops_per_step=7e11,
+        last_step=12,
     )
     short = fake_run(tmp_path, "van_short", "debug_vanilla", {3: 6.5})
     table, results = write_report([van, mor, short], tmp_path / "out")
@@ -218,7 +220,7 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
     assert r["van"].val_loss == pytest.approx(5.5) and r["mor"].val_loss == pytest.approx(5.25)
     assert r["van"].curve.steps == [5, 9] and r["van"].curve.val_loss == pytest.approx([6.0, 5.5])
     # Step 5 lies between counters logged at 4 and 6: interpolated.
-    assert r["van"].curve.flops == pytest.approx([5e12, 9e12]) and r["mor"].flops == pytest.approx(10 * 7e11)
+    assert r["van"].curve.flops == pytest.approx([5e12, 9e12]) and r["mor"].flops == pytest.approx(12 * 7e11)
     assert r["van"].tokens == 9 * 1024 and r["van"].train_loss == pytest.approx(10.0 - 0.9)
     assert r["van"].eval_acc == {"-": pytest.approx((0.6 + 0.3) / 2)}  # acc_norm preferred, ppl ignored
     assert r["mor"].eval_acc == {"topk": pytest.approx(0.7), "causal": pytest.approx(0.65)}
@@ -228,7 +230,8 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
     lines = table.splitlines()
     assert "eval acc (causal)" in lines[0] and "eval acc (topk)" in lines[0]
     row = next(line for line in lines if line.startswith("| mor |"))
-    assert "5.2500" in row and "70.0%" in row and "65.0%" in row
+    assert "| 5.2500 (step 10) |" in row and "70.0%" in row and "65.0%" in row
+    assert "| 5.5000 |" in next(line for line in lines if line.startswith("| van |"))
     assert (tmp_path / "out/results.md").read_text().strip() == table
     assert json.loads((tmp_path / "out/results.json").read_text())[0]["name"] == "van"
     import matplotlib.image

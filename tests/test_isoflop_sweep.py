@@ -5,8 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mor_pretrain.config import load_config
-from mor_pretrain.isoflop import plan_sweep, write_plan
+from mor_pretrain.flops import paper_flops_per_token
+from mor_pretrain.isoflop import plan_sweep, write_plan, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "scripts/sweep.sh"
@@ -49,3 +52,45 @@ def test_sweep_skips_finished_runs_and_refuses_a_missing_branch_point(tmp_path):
 def test_sweep_without_a_plan_says_so(tmp_path):
     out = sweep(tmp_path)
     assert out.returncode != 0 and "plan.json" in out.stderr
+
+
+TINY = [
+    "--training.global_batch_size=4",
+    "--training.micro_batch_size=4",
+    "--training.seq_len=64",
+    "--training.val_interval=3",
+    "--training.val_batches=2",
+    "--metrics.log_interval=1",
+    "--data.num_workers=0",
+]
+
+
+@pytest.mark.slow
+def test_two_run_sweep_from_plan_to_report(tmp_path):
+    if not (ROOT / "train.py").is_file() or not (ROOT / "data/corpus/train").is_dir():
+        pytest.fail("needs train.py and the default corpus (bash scripts/setup.sh builds data/corpus)")
+    configs = {
+        name: load_config(ROOT / f"train_configs/{name}.toml", [f"--run_root={tmp_path / 'runs'}", *TINY])
+        for name in ("debug_vanilla", "debug_mor")
+    }
+    runs = plan_sweep(list(configs.items()), [6e9])
+    write_plan(tmp_path / "plan", runs, configs)
+    # Paper FLOPs per token at T=64: vanilla 8 x 442,368 = 3.54M, MoR 2.64M; 256 tokens per step.
+    assert [r.steps for r in runs] == [round(6e9 / 3.5e6 / 256), round(6e9 / 2.6e6 / 256)] == [7, 9]
+    out = sweep(tmp_path / "plan")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for r in runs:
+        assert (Path(r.run_dir) / "DONE").is_file() and (Path(r.run_dir) / "export/config.json").is_file()
+    again = sweep(tmp_path / "plan")  # an interrupted or repeated sweep skips what is finished
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 2
+    table, results = write_report([r.run_dir for r in runs], tmp_path / "report")
+    by_name = {x.name: x for x in results}
+    for r in runs:
+        res = by_name[r.name]
+        assert res.step == r.steps and res.tokens == r.tokens
+        assert res.flops == pytest.approx(r.steps * 256 * paper_flops_per_token(configs[r.source].model, 64))
+        assert res.val_loss is not None and 0 < res.val_loss < 12  # below ln(32k) + a margin: it learned something
+        assert res.curve.steps == list(range(3, r.steps + 1, 3))  # the trainer validates every 3 steps
+        assert f"| {r.name} | {r.family} |" in table
+    for png in ("val_loss_vs_flops.png", "val_loss_vs_tokens.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
