@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run a planned isoFLOP sweep one run after another, in plan order:
 #   python tools/isoflop.py plan --budget ... --configs ... --write PLAN_DIR
-#   [NPROC=8] [PYTHON=python] scripts/sweep.sh PLAN_DIR
+#   [NGPU=8] [PYTHON=python] scripts/sweep.sh PLAN_DIR
+# Each run goes through scripts/train.sh (torchrun; NGPU as there: the GPU count, or 2 CPU processes).
 # A run that ends well gets a DONE file in its run folder; finished runs (DONE, or a complete export/) are
 # skipped, so calling this again resumes an interrupted sweep. An unfinished run is simply started again:
 # train.py resumes it from its own latest checkpoint. A cooldown needs the checkpoint it branches from.
@@ -11,8 +12,7 @@ if [[ $# -ne 1 ]]; then
     exit 2
 fi
 plan_dir=$(cd "$1" && pwd)
-PYTHON=${PYTHON:-python}
-NPROC=${NPROC:-1}
+export PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."  # configs name data and run folders relative to the repository root
 
 # One tab-separated line per run: name, config, run folder, its checkpoint folder, the checkpoint it starts
@@ -50,11 +50,7 @@ while IFS=$'\t' read -r name config run_dir ckpts init_from; do
         exit 1
     fi
     echo "== [$i/$total] $name: training ($config)"
-    if [[ "$NPROC" -gt 1 ]]; then
-        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py --config "$config" </dev/null
-    else
-        "$PYTHON" train.py --config "$config" </dev/null
-    fi
+    CONFIG="$config" bash scripts/train.sh </dev/null
     touch "$run_dir/DONE"
 done <<<"$runs"
 echo "sweep finished; report: python tools/isoflop.py report $(printf '%s\n' "$runs" | cut -f3 | tr '\n' ' ')--out DIR"

@@ -20,7 +20,7 @@ def sweep(plan_dir, **env):
         ["bash", str(SWEEP), str(plan_dir)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env},
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "NGPU": "1", **env},
         timeout=600,
     )
 
