@@ -189,6 +189,11 @@ def _run_group(
     return x
 
 
+def _pack(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Entries idx (batch, n) along dim 1 of t (batch, T, ...)."""
+    return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+
+
 def _stack(
     model: MoRModel,
     cache: ModelCache,
@@ -236,9 +241,15 @@ def _stack(
         if not bool(sel.any()):
             break  # decisions are hierarchical: nobody goes deeper
         share = a.kv_mode == "share" and step > 0
-        f = _run_group(layers, cache.steps[0 if share else step], h, rope, qpos, sel, write=not share)
-        upd = f if gate is None else h + gate.to(h.dtype) * f
-        h = torch.where(sel.unsqueeze(-1), upd, h)
+        # Pack each row's selected tokens to the front, so a step costs its selected tokens only.
+        n = int(sel.sum(1).max())
+        idx = (~sel).long().sort(dim=1, stable=True).indices[:, :n]  # (batch, n) selected first, in order
+        x, sel_c = _pack(h, idx), _pack(sel, idx)
+        rope_c = _pack(rope.transpose(1, 2), idx).transpose(1, 2)
+        f = _run_group(layers, cache.steps[0 if share else step], x, rope_c, _pack(qpos, idx), sel_c, write=not share)
+        upd = f if gate is None else x + _pack(gate, idx).to(x.dtype) * f
+        x = torch.where(sel_c.unsqueeze(-1), upd, x)
+        h = h.scatter(1, idx.unsqueeze(-1).expand_as(x), x)
         depth = depth + sel.long()
         active = sel
     return h, depth

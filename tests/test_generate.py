@@ -216,3 +216,15 @@ def test_bad_prompts_are_refused():
         generate(model, [[1], []])
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [list(range(64))])
+
+
+@pytest.mark.parametrize("kind", ["expert", "expert_share", "token"])
+def test_each_step_computes_only_the_tokens_that_reached_it(kind):
+    model = model_for(kind)
+    x = torch.randint(0, 97, (1, 24))
+    rows: list[int] = []
+    hook = model.stack.layers[0].attention.wq.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    _, depth = forward_cached(model, new_cache(model, 1, 24), x)
+    hook.remove()
+    reached = [int((depth > r).sum()) for r in range(3)]
+    assert rows == [n for n in reached if n] and reached[0] > reached[1] > 0
