@@ -163,6 +163,25 @@ def test_fsdp_two_ranks_match_single_process(tmp_path, micro):
         assert results[1][variant]["loss"] == got["loss"]
 
 
+def _hsdp_and_ac() -> dict[str, dict]:
+    out = {"hsdp": run_parallel(make_cfg("expert", dp_replicate=2, dp_shard=1))}
+    for mode in ("full", "selective"):
+        out[f"ac-{mode}"] = run_parallel(make_cfg("expert", activation_checkpoint=mode))
+    return out
+
+
+@pytest.mark.slow  # about 30 s
+def test_hsdp_and_activation_checkpointing_match_single_process(tmp_path):
+    """HSDP (2 replicas of 1 shard) and FSDP with full / selective activation checkpointing."""
+    results = spawn(2, tmp_path, _hsdp_and_ac)[0]
+    ref = reference(make_cfg("expert"))
+    for name, got in results.items():
+        assert got["loss"] == pytest.approx(ref["loss"], abs=2e-5), name
+        assert got["norm"] == pytest.approx(ref["norm"], rel=1e-4), name
+        for pname, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][pname], g, atol=2e-6, rtol=1e-4, msg=f"{name}: {pname}")
+
+
 def _dp_tp() -> dict:
     return run_parallel(make_cfg("expert", micro=1, tp=2, dp_shard=2))
 
