@@ -30,6 +30,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mor_pretrain.config import ConfigError, JobConfig, dump_toml
+from mor_pretrain.data import build_dataloader, resolve_vocab_size
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.metrics import MetricLogger, device_name, memory_stats, peak_flops, reduce_scalars, routing_scalars
@@ -274,7 +275,6 @@ class LogWindow:
 
 
 def log_step(
-    step: int,
     losses: StepLosses,
     grad_norm: torch.Tensor,
     lr: float,
@@ -327,9 +327,6 @@ def batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, tor
 
 def train(cfg: JobConfig) -> TrainState:
     """Run the job described by `cfg` (validated); returns the final TrainState."""
-    from mor_pretrain.data import build_dataloader
-    from mor_pretrain.data.tokenizer import resolve_vocab_size
-
     t = cfg.training
     device = init_distributed(t.device)
     mesh = build_mesh(cfg.parallelism, device.type)
@@ -374,7 +371,7 @@ def train(cfg: JobConfig) -> TrainState:
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
-            values = log_step(state.step, losses, grad_norm, lr, window, state, exec_per_pos, peak, par)
+            values = log_step(losses, grad_norm, lr, window, state, exec_per_pos, peak, par)
             finite = math.isfinite(values["train/loss"]) and math.isfinite(values["train/grad_norm"])
             if t.nonfinite == "stop" and not finite:
                 raise FloatingPointError(f"step {state.step}: non-finite loss or grad norm: {values}")
