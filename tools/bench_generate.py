@@ -1,0 +1,154 @@
+"""Generation throughput of vanilla vs MoR (expert choice, Nr = 2, 3, 4) with depth-wise batching.
+
+python tools/bench_generate.py --shape 360m --batch 32 --max-batch [--device cuda --dtype bfloat16]
+python tools/bench_generate.py --shape small --batch 32 --new-tokens 32   # CPU ratio at small scale
+
+Random weights. Every model is served by the same engine (mor_pretrain.serving.DepthBatchEngine; for
+vanilla it is plain continuous batching). 3 x batch requests of --prompt-len random tokens each generate
+--new-tokens tokens (no eos) through `batch` slots. Timed: engine iterations while requests are still
+queued, i.e. with every slot busy: prompt prefill of admitted requests, every stack pass, KV-cache writes,
+routing, last block, head, greedy sampling and host bookkeeping (the final drain is not timed).
+tokens/s = tokens generated in that window / its length: wall time on a GPU; on a CPU the process's CPU
+time (run with OMP_NUM_THREADS=1), so other jobs on a shared machine do not skew the ratio. Each number
+is the best of --repeats runs. --max-batch doubles the batch until the device runs out of
+memory (GPU only) and reports the largest that fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from mor_pretrain.generate import SamplingConfig
+from mor_pretrain.models import ModelArgs, MoRModel
+from mor_pretrain.serving import DepthBatchEngine
+
+# (d_model, n_heads, n_kv_heads, d_ffn, vocab): 360m is the paper's (MOR_FACTS s1); small keeps its
+# proportions (head_dim 64, d_ffn / d_model, LM head share of the FLOPs) at 2/5 of the width.
+SHAPES = {"360m": (960, 15, 5, 2560, 49152), "small": (384, 6, 2, 1024, 16384)}
+# Applied layers: vanilla 32; MoR middle-cycle 1 + base x Nr + 1 (MOR_FACTS s1).
+KINDS = {"vanilla": (1, 32), "mor2": (2, 32), "mor3": (3, 32), "mor4": (4, 34)}
+
+
+def build(shape: str, kind: str, max_len: int, device: str, dtype: torch.dtype) -> MoRModel:
+    d, h, kv, ffn, vocab = SHAPES[shape]
+    nr, layers = KINDS[kind]
+    sharing, router = ("middle_cycle", "expert") if nr > 1 else ("cycle", "none")
+    args = ModelArgs(
+        vocab_size=vocab,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=kv,
+        d_ffn=ffn,
+        n_layers=layers,
+        num_recursions=nr,
+        max_seq_len=max_len,
+        sharing=sharing,
+        router=router,
+    )
+    with torch.device(device):
+        model = MoRModel(args)
+        model.init_weights()
+    return model.to(dtype).eval()
+
+
+def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    """Steady-state serving: 3 x batch requests through `batch` slots, timed while the queue still holds
+    requests (every slot busy; admissions and their prefill included, the final drain not)."""
+    a = model.args
+    engine = DepthBatchEngine(model, batch, prompt_len + new_tokens, SamplingConfig(max_new_tokens=new_tokens))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3 * batch):
+        engine.submit(torch.randint(0, a.vocab_size, (prompt_len,), generator=g).tolist())
+    sync = torch.cuda.synchronize if model.rope.is_cuda else (lambda: None)
+    clock = time.perf_counter if model.rope.is_cuda else time.process_time  # CPU: immune to other load
+    sync()
+    start = clock()
+    while engine.queue:
+        engine.iterate()
+    sync()
+    seconds = clock() - start
+    n = engine.stats["tokens"]
+    depth = sum(d for r in engine.done for d in r.depths) / max(1, sum(len(r.depths) for r in engine.done))
+    return {
+        "batch": batch,
+        "tokens": n,
+        "seconds": seconds,
+        "tokens_per_s": n / seconds,
+        "mean_depth": depth,
+        "stack_occupancy": engine.stats["stack_rows"] / max(1, engine.stats["stack_passes"] * batch),
+    }
+
+
+def max_batch(model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int) -> dict | None:
+    """Double the batch until out of memory; the last result that fit."""
+    best, batch = None, start
+    while True:
+        try:
+            best = measure(model, batch, prompt_len, new_tokens, seed)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return best
+        batch *= 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="360m")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {list(KINDS)}")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="report the best of this many runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if unknown := [k for k in kinds if k not in KINDS]:
+        print(f"error: unknown kind {unknown[0]!r}; choose from {list(KINDS)}", file=sys.stderr)
+        return 2
+    if args.max_batch and not args.device.startswith("cuda"):
+        print("error: --max-batch needs a GPU (a CPU out-of-memory kills the process)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    torch.manual_seed(args.seed)
+    rows = []
+    for kind in kinds:
+        model = build(args.shape, kind, args.prompt_len + args.new_tokens, args.device, dtype)
+        measure(model, min(args.batch, 4), args.prompt_len, 2, args.seed)  # warm-up: allocator, kernels
+        runs = [measure(model, args.batch, args.prompt_len, args.new_tokens, args.seed) for _ in range(args.repeats)]
+        row = {"kind": kind, "at_batch": max(runs, key=lambda r: r["tokens_per_s"])}
+        if args.max_batch:
+            row["at_max_batch"] = max_batch(model, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        rows.append(row)
+        del model
+    base = {key: rows[0].get(key) for key in ("at_batch", "at_max_batch")} if kinds[0] == "vanilla" else {}
+    if args.json:
+        print(json.dumps({"shape": args.shape, "device": args.device, "dtype": str(dtype), "rows": rows}))
+        return 0
+    print(f"shape {args.shape}, {args.device}, {dtype}, prompt {args.prompt_len}, new {args.new_tokens} tokens")
+    print("| model | batch | tokens/s | vs vanilla | mean depth | stack occupancy |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        for key in ("at_batch", "at_max_batch"):
+            r = row.get(key)
+            if r is None:
+                continue
+            ref = base.get(key)
+            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            print(
+                f"| {row['kind']} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | {r['mean_depth']:.2f} "
+                f"| {r['stack_occupancy']:.2f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
