@@ -63,7 +63,7 @@ def lr_factor(step: int, total: int, cfg: OptimizerConfig) -> float:
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
     decay = round(cfg.decay_fraction * total)
     start = total - decay
-    if step < start:
+    if step < start or decay == 0:
         return 1.0
     progress = min((step - start + 1) / decay, 1.0)
     return 1.0 - (1.0 - lo) * progress

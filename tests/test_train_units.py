@@ -34,6 +34,15 @@ def test_cosine_schedule_ends_at_min_lr():
     assert all(a >= b for a, b in zip(f, f[1:], strict=False))
 
 
+@pytest.mark.parametrize("schedule", ["wsd", "cosine", "constant"])
+def test_schedules_survive_tiny_runs(schedule):
+    """A few steps round the warmup and decay lengths to 0 or 1; the scheduler also evaluates step == total."""
+    cfg = OptimizerConfig(schedule=schedule, warmup_fraction=0.05, decay_fraction=0.2)
+    for total in range(1, 8):
+        for step in range(total + 1):
+            assert 0.0 <= lr_factor(step, total, cfg) <= 1.0
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_param_groups_skip_norms_and_embeddings(tied):
     model = tiny_model(router="expert", tie_embeddings=tied)
