@@ -115,6 +115,9 @@ def test_cli_errors_name_the_problem(export_dir, tmp_path, capsys):
     assert "not an export folder" in capsys.readouterr().err
     assert cli(export_dir, "--prompt", "x", "--threshold", 1.5) == 2
     assert "threshold" in capsys.readouterr().err
+    assert cli(export_dir, "--prompt", "the " * 80) == 2
+    out, err = capsys.readouterr()
+    assert "prompt 0 has" in err and "max_seq_len is 64" in err and out == ""
 
 
 def test_cli_runs_as_a_script(export_dir):

@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_exported(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
         tok = load_tokenizer(meta.get("tokenizer", "default"))
         ids = [tok.encode(p, bos=args.bos) for p in prompts]
-        if not all(ids):
-            raise ValueError(f"prompt {[bool(i) for i in ids].index(False)} encodes to no tokens; add --bos")
+        for n, i in enumerate(ids):
+            if not i:
+                raise ValueError(f"prompt {n} encodes to no tokens; add --bos")
+            if len(i) >= model.args.max_seq_len:
+                raise ValueError(f"prompt {n} has {len(i)} tokens; the model's max_seq_len is {model.args.max_seq_len}")
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
