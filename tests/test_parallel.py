@@ -163,19 +163,27 @@ def test_fsdp_two_ranks_match_single_process(tmp_path, micro):
         assert results[1][variant]["loss"] == got["loss"]
 
 
-def _hsdp_and_ac() -> dict[str, dict]:
+def untied(cfg: JobConfig) -> JobConfig:
+    cfg.model.tie_embeddings = False
+    return cfg
+
+
+def _hsdp_ac_untied() -> dict[str, dict]:
     out = {"hsdp": run_parallel(make_cfg("expert", dp_replicate=2, dp_shard=1))}
     for mode in ("full", "selective"):
         out[f"ac-{mode}"] = run_parallel(make_cfg("expert", activation_checkpoint=mode))
+    out["untied-fsdp"] = run_parallel(untied(make_cfg("expert")))
+    out["untied-tp"] = run_parallel(untied(make_cfg("expert", tp=2, dp_shard=1)))
     return out
 
 
-@pytest.mark.slow  # about 30 s
-def test_hsdp_and_activation_checkpointing_match_single_process(tmp_path):
-    """HSDP (2 replicas of 1 shard) and FSDP with full / selective activation checkpointing."""
-    results = spawn(2, tmp_path, _hsdp_and_ac)[0]
-    ref = reference(make_cfg("expert"))
+@pytest.mark.slow  # about 40 s
+def test_hsdp_ac_and_untied_head_match_single_process(tmp_path):
+    """HSDP (2 replicas of 1 shard), FSDP with full / selective activation checkpointing, and an untied
+    head (its own embedding unit under FSDP; a vocab-sharded head weight under TP)."""
+    results = spawn(2, tmp_path, _hsdp_ac_untied)[0]
     for name, got in results.items():
+        ref = reference(untied(make_cfg("expert")) if name.startswith("untied") else make_cfg("expert"))
         assert got["loss"] == pytest.approx(ref["loss"], abs=2e-5), name
         assert got["norm"] == pytest.approx(ref["norm"], rel=1e-4), name
         for pname, g in ref["grads"].items():
