@@ -298,8 +298,11 @@ class RecursionStack(nn.Module):
                 aux_bce = aux_bce + F.binary_cross_entropy_with_logits(aux_logits, target)
             with torch.no_grad():
                 acc.append(((scores >= 0.5) == chosen).float().mean())
-                s_sel.append(scores[chosen].mean())
-                s_uns.append(scores[~chosen].mean() if k < n_cand else scores.new_full((), float("nan")))
+                # Masked means, not boolean indexing: indexing has a data-dependent shape and syncs the host.
+                s_sel.append((scores * chosen).sum() / chosen.sum())
+                s_uns.append(
+                    (scores * ~chosen).sum() / (~chosen).sum() if k < n_cand else scores.new_full((), float("nan"))
+                )
                 dead.append((scores < 1e-2).float().mean())
             pos = new_idx if new_idx is not None else torch.arange(t, device=h.device).expand(b, t)
             step_rope = rope[pos].unsqueeze(1)  # (batch, 1, k, head_dim) at original positions
