@@ -238,15 +238,21 @@ def _stack(
             sel = active
             if a.step_capacities[step] < 1.0 and not ctl.full_depth:
                 sel = active & (torch.sigmoid(decide.squeeze(-1)) >= threshold)
+        share = a.kv_mode == "share" and step > 0
+        group = cache.steps[0 if share else step]
+        if not share:
+            # A step cache shorter than the sequence (the engine's step_cache_fractions) turns tokens
+            # away once full: they exit before this step.
+            room = group.pos.shape[1] - group.length
+            sel = sel & (sel.long().cumsum(1) <= room[:, None])
         if not bool(sel.any()):
             break  # decisions are hierarchical: nobody goes deeper
-        share = a.kv_mode == "share" and step > 0
         # Pack each row's selected tokens to the front, so a step costs its selected tokens only.
         n = int(sel.sum(1).max())
         idx = (~sel).long().sort(dim=1, stable=True).indices[:, :n]  # (batch, n) selected first, in order
         x, sel_c = _pack(h, idx), _pack(sel, idx)
         rope_c = _pack(rope.transpose(1, 2), idx).transpose(1, 2)
-        f = _run_group(layers, cache.steps[0 if share else step], x, rope_c, _pack(qpos, idx), sel_c, write=not share)
+        f = _run_group(layers, group, x, rope_c, _pack(qpos, idx), sel_c, write=not share)
         upd = f if gate is None else x + _pack(gate, idx).to(x.dtype) * f
         x = torch.where(sel_c.unsqueeze(-1), upd, x)
         h = h.scatter(1, idx.unsqueeze(-1).expand_as(x), x)

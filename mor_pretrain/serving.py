@@ -8,11 +8,16 @@ enters the first block and step 0 in the same iteration, and a finished sequence
 the queue at once. Prompts are prefilled one request at a time with `generate.forward_cached` on a view of
 the slot's caches.
 
-Shapes: every cache is a static buffer (steps, slots, kv_heads, capacity + 1, head_dim), and the stack
-pass always runs all slots (idle rows masked), so it can be captured by torch.compile / CUDA graphs on a
-GPU. Variable lengths are handled with boolean SDPA masks; rows that must not store (idle rows, KV-sharing
-steps > 0) write into a scratch slot at index `capacity` that no mask ever shows. The exit pass (last
-block, head, sampling, first block) runs on the exiting rows only.
+Shapes: each layer's cache is one static buffer (slots, kv_heads, sum of step capacities + 1, head_dim)
+holding every step's region end to end, and the stack pass always runs all slots (idle rows masked), so it
+can be captured by torch.compile / CUDA graphs on a GPU. Each row gathers a fixed-width window at its
+step's offset; boolean SDPA masks hide what is not its own. Rows that must not store (idle rows,
+KV-sharing steps > 0) write into a scratch slot at the end that no mask shows. The exit pass (last block,
+head, sampling, first block) runs on the exiting rows only.
+
+Memory: `step_cache_fractions` sizes step r's region to a fraction of max_len (recursion-wise caching
+needs only the tokens that reach a step). A token whose step cache is full exits before that step
+(counted in stats["cache_full_exits"]); the default, full regions, never turns a token away.
 """
 
 from __future__ import annotations
@@ -57,24 +62,24 @@ def _attend_rows(
     rope: torch.Tensor,
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
-    group: torch.Tensor,
     rows: torch.Tensor,
     slot: torch.Tensor,
+    window: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Block forward for one token per row. x: (n, 1, dim); buf[group, rows] is each row's cache
-    (n, kv_heads, capacity + 1, head_dim); the row's new K/V go to `slot` before attending."""
+    """Block forward for one token per row. x: (n, 1, dim); the row's new K/V go to buf[rows, :, slot],
+    then it attends to its cache window buf[rows, :, window[row]] under mask (n, 1, 1, width)."""
     att = blk.attention
     n = x.shape[0]
     xn = blk.attention_norm(x)
     q = apply_rope(att.wq(xn).view(n, 1, -1, att.head_dim).transpose(1, 2), rope)
     k, v = att.project_kv(xn, rope)  # (n, kv_heads, 1, head_dim)
-    k_buf[group, rows, :, slot] = k[:, :, 0]
-    v_buf[group, rows, :, slot] = v[:, :, 0]
+    k_buf[rows, :, slot] = k[:, :, 0]
+    v_buf[rows, :, slot] = v[:, :, 0]
     out = F.scaled_dot_product_attention(
         q,
-        k_buf[group, rows],  # gathers each row's own step cache
-        v_buf[group, rows],
+        k_buf[rows[:, None], :, window].transpose(1, 2),  # (n, kv_heads, width, head_dim) copy
+        v_buf[rows[:, None], :, window].transpose(1, 2),
         attn_mask=mask,
         scale=1.0 / math.sqrt(att.head_dim),
         enable_gqa=att.n_heads != att.n_kv_heads,
@@ -84,35 +89,48 @@ def _attend_rows(
 
 
 class _Buffers:
-    """Static caches for `groups` steps x `slots` rows of `n_layers` layers."""
+    """Static caches of `n_layers` layers for every slot: one region per group (recursion step) of
+    capacities[g] tokens, end to end, then one scratch slot."""
 
-    def __init__(self, model: MoRModel, n_layers: int, groups: int, slots: int, capacity: int):
+    def __init__(self, model: MoRModel, n_layers: int, slots: int, capacities: list[int]):
         a, w = model.args, model.tok_embeddings.weight
-        shape = (groups, slots, a.n_kv_heads, capacity + 1, a.head_dim)  # + 1: the scratch slot
+        self.capacities = capacities
+        self.offsets = [sum(capacities[:g]) for g in range(len(capacities))]
+        self.scratch = sum(capacities)
+        shape = (slots, a.n_kv_heads, self.scratch + 1, a.head_dim)
         self.k = [w.new_zeros(shape) for _ in range(n_layers)]
         self.v = [w.new_zeros(shape) for _ in range(n_layers)]
-        self.pos = torch.zeros(groups, slots, capacity + 1, dtype=torch.long, device=w.device)
-        self.length = torch.zeros(groups, slots, dtype=torch.long, device=w.device)
-        self.capacity = capacity
+        self.pos = torch.zeros(slots, self.scratch + 1, dtype=torch.long, device=w.device)
+        self.length = torch.zeros(len(capacities), slots, dtype=torch.long, device=w.device)
+        self.capacity = torch.tensor(capacities, device=w.device)
+        self.offset = torch.tensor(self.offsets, device=w.device)
+        self.span = torch.arange(max(capacities), device=w.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def view(self, group: int, slot: int) -> KVGroup:
-        """One row of one step as a KVGroup; writes through it land in these buffers."""
-        s = slice(slot, slot + 1)
+        """One slot's region of one step as a KVGroup; writes through it land in these buffers."""
+        s, r = slice(slot, slot + 1), slice(self.offsets[group], self.offsets[group] + self.capacities[group])
         return KVGroup(
-            [k[group, s] for k in self.k], [v[group, s] for v in self.v], self.pos[group, s], self.length[group, s]
+            [k[s, :, r] for k in self.k], [v[s, :, r] for v in self.v], self.pos[s, r], self.length[group, s]
         )
+
+    def room(self, group: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.length[group, rows] < self.capacity[group]
 
     def prepare(
         self, group: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, store: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve a slot for each storing row (others get the scratch slot) and return (slot, mask)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reserve the next slot of each storing row's region (others get the scratch slot); returns
+        (slot, window, mask): where to write, which slots each row reads, which of those it may see."""
         length = self.length[group, rows]
-        slot = torch.where(store, length, self.capacity)
-        self.pos[group, rows, slot] = pos
+        slot = torch.where(store, self.offset[group] + length, self.scratch)
+        self.pos[rows, slot] = pos
         length = length + store.long()
         self.length[group, rows] = length
-        visible = torch.arange(self.capacity + 1, device=pos.device)[None, :] < length[:, None]
-        return slot, visible[:, None, None, :]
+        window = (self.offset[group][:, None] + self.span).clamp(max=self.scratch)
+        return slot, window, (self.span[None, :] < length[:, None])[:, None, None, :]
 
 
 class DepthBatchEngine:
@@ -126,7 +144,10 @@ class DepthBatchEngine:
         sampling: SamplingConfig | None = None,
         ctl: DepthControl | None = None,
         decode: Callable[[list[int]], str] | None = None,
+        step_cache_fractions: list[float] | None = None,
     ):
+        """step_cache_fractions: per recursion step, its cache length as a fraction of max_len (default all
+        1: exact). Smaller regions save memory; a token finding its step's region full exits early."""
         a = model.args
         if a.sharing not in ("cycle", "middle_cycle"):
             raise ValueError(
@@ -141,10 +162,14 @@ class DepthBatchEngine:
         dev = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=dev).manual_seed(self.sampling.seed)
         self.layers = [blk for blk in model.stack.layers if isinstance(blk, Block)]
+        fractions = step_cache_fractions or [1.0] * a.num_recursions
+        if len(fractions) != a.num_recursions or not all(0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"step_cache_fractions needs {a.num_recursions} values in (0, 1], got {fractions}")
         groups = 1 if a.kv_mode == "share" else a.num_recursions
-        self.stack_kv = _Buffers(model, a.num_shared, groups, slots, max_len)
-        self.first_kv = _Buffers(model, 1, 1, slots, max_len) if model.first is not None else None
-        self.last_kv = _Buffers(model, 1, 1, slots, max_len) if model.last is not None else None
+        caps = [max(1, math.ceil(f * max_len)) for f in fractions[:groups]]
+        self.stack_kv = _Buffers(model, a.num_shared, slots, caps)
+        self.first_kv = _Buffers(model, 1, slots, [max_len]) if model.first is not None else None
+        self.last_kv = _Buffers(model, 1, slots, [max_len]) if model.last is not None else None
         # Per slot: the in-flight token's hidden state, its next step, that step's gate, its position.
         self.h = model.tok_embeddings.weight.new_zeros(slots, a.d_model)
         self.step = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -156,7 +181,7 @@ class DepthBatchEngine:
         self.queue: deque[_Request] = deque()
         self.done: list[_Request] = []
         self.submitted = 0
-        self.stats = {"stack_passes": 0, "stack_rows": 0, "tokens": 0}
+        self.stats = {"stack_passes": 0, "stack_rows": 0, "tokens": 0, "cache_full_exits": 0}
 
     def submit(self, prompt: list[int], max_new_tokens: int | None = None) -> int:
         """Queue a request; returns its index in the `run()` result."""
@@ -224,12 +249,12 @@ class DepthBatchEngine:
         share = a.kv_mode == "share"
         group = torch.zeros_like(self.step) if share else self.step.clamp(max=a.num_recursions - 1)
         store = self.live & (self.step == 0) if share else self.live
-        slot, mask = self.stack_kv.prepare(group, rows, self.pos, store)
+        slot, window, mask = self.stack_kv.prepare(group, rows, self.pos, store)
         mask = mask | ~self.live[:, None, None, None]  # idle rows see everything: finite, discarded
         rope = self.model.rope[self.pos][:, None, None, :]
         x = self.h.unsqueeze(1)
         for i, blk in enumerate(self.layers):
-            x = _attend_rows(blk, x, rope, self.stack_kv.k[i], self.stack_kv.v[i], group, rows, slot, mask)
+            x = _attend_rows(blk, x, rope, self.stack_kv.k[i], self.stack_kv.v[i], rows, slot, window, mask)
         f = x.squeeze(1)
         upd = f if a.router == "none" else self.h + self.gate.to(f.dtype) * f
         self.h = torch.where(self.live[:, None], upd, self.h)
@@ -237,9 +262,18 @@ class DepthBatchEngine:
         self.stats["stack_rows"] += int(self.live.sum())
 
     def _continues(self, h: torch.Tensor, step: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Whether each row runs `step` next, with the causal rule; also sets the gate of that step."""
-        a, stack, ctl = self.model.args, self.model.stack, self.ctl
+        """Whether each row runs `step` next: the routing decision, if that step's cache has room."""
         rows = torch.arange(self.slots, device=h.device) if rows is None else rows
+        go = self._routes(h, step, rows)
+        share = self.model.args.kv_mode == "share"
+        group = torch.zeros_like(step) if share else step.clamp(max=len(self.stack_kv.capacities) - 1)
+        room = self.stack_kv.room(group, rows) | (share & (step > 0))  # sharing steps store nothing
+        self.stats["cache_full_exits"] += int((go & ~room).sum())  # only occupied slots can be full
+        return go & room
+
+    def _routes(self, h: torch.Tensor, step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The causal routing decision for `step` (sets that step's gate for expert choice)."""
+        a, stack, ctl = self.model.args, self.model.stack, self.ctl
         go = step < (ctl.max_depth or a.num_recursions)
         if a.router == "token":
             return go & (self.target[rows] > step)
@@ -271,9 +305,9 @@ class DepthBatchEngine:
 
     def _unique_block(self, blk: Block, kv: _Buffers, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros_like(rows)
-        slot, mask = kv.prepare(zero, rows, self.pos[rows], torch.ones_like(rows, dtype=torch.bool))
+        slot, window, mask = kv.prepare(zero, rows, self.pos[rows], torch.ones_like(rows, dtype=torch.bool))
         rope = self.model.rope[self.pos[rows]][:, None, None, :]
-        return _attend_rows(blk, x, rope, kv.k[0], kv.v[0], zero, rows, slot, mask)
+        return _attend_rows(blk, x, rope, kv.k[0], kv.v[0], rows, slot, window, mask)
 
     def _emit(self, rows: torch.Tensor, tokens: torch.Tensor, depths: torch.Tensor) -> None:
         """Record each row's sampled token; free finished slots, feed the others' tokens back in."""

@@ -4,7 +4,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from mor_pretrain.generate import DepthControl, SamplingConfig, generate
+from mor_pretrain.generate import (
+    DepthControl,
+    KVGroup,
+    ModelCache,
+    SamplingConfig,
+    forward_cached,
+    generate,
+    lm_head,
+)
 from mor_pretrain.serving import DepthBatchEngine
 
 KINDS = {
@@ -125,3 +133,56 @@ def test_engine_eos_and_bad_input():
         engine.submit(list(range(32)))
     with pytest.raises(ValueError, match="sharing 'middle_sequence'"):
         DepthBatchEngine(tiny_model(sharing="middle_sequence"), slots=2, max_len=32)
+
+
+def capped_greedy(model, prompt, n, capacities):
+    """Greedy decoding with forward_cached over step caches of the given lengths."""
+    a = model.args
+    unique = lambda: KVGroup.empty(model, 1, 1, 32)  # noqa: E731
+    steps = [KVGroup.empty(model, a.num_shared, 1, c) for c in capacities]
+    cache = ModelCache(unique(), steps, unique(), torch.zeros(1, dtype=torch.long))
+    h, depth = forward_cached(model, cache, torch.tensor([prompt]))
+    tokens, depths = [], []
+    while True:
+        tokens.append(int(lm_head(model, h[0, -1]).argmax()))
+        depths.append(int(depth[0, -1]))
+        if len(tokens) == n:
+            return tokens, depths
+        h, depth = forward_cached(model, cache, torch.tensor([[tokens[-1]]]))
+
+
+def test_short_step_caches_save_memory_and_turn_tokens_away_like_capped_caches():
+    model = model_for("expert")
+    prompts = requests()
+    full = DepthBatchEngine(model, slots=3, max_len=32)
+    short = DepthBatchEngine(model, slots=3, max_len=32, step_cache_fractions=[1.0, 0.25, 0.1])
+    out = serve(short, prompts)
+    assert short.stats["cache_full_exits"] > 0
+    assert short.stack_kv.nbytes() * (3 * 32 + 1) == full.stack_kv.nbytes() * (32 + 8 + 4 + 1)
+    for i, (p, n) in enumerate(zip(prompts, MAX_NEW, strict=True)):
+        assert (out.tokens[i], out.depths[i]) == capped_greedy(model, p, n, [32, 8, 4])
+    with pytest.raises(ValueError, match="step_cache_fractions"):
+        DepthBatchEngine(model, slots=3, max_len=32, step_cache_fractions=[1.0, 0.5])
+
+
+def test_bench_tool_runs_every_kind_and_short_caches_shrink_kv(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools/bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--shape", "small", "--batch", "2", "--prompt-len", "2", "--new-tokens", "3", "--repeats", "1"]
+    argv += ["--device", "cpu", "--json"]
+    assert bench.main([*argv, "--kinds", "vanilla,mor2"]) == 0
+    full = {r["kind"]: r["at_batch"] for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert bench.main([*argv, "--kinds", "mor2", "--cache-slack", "1.0"]) == 0
+    short = json.loads(capsys.readouterr().out)["rows"][0]["at_batch"]
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in full.values())
+    # Slots per layer cache (+1 scratch), max_len 5: vanilla 32 x 6; MoR-2 15 x (5 + 5 + 1) + 2 x 6, and with
+    # steps sized 1 and 1/2 (3 slots) 15 x (5 + 3 + 1) + 2 x 6.
+    vanilla = full["vanilla"]["kv_mib"]
+    assert full["mor2"]["kv_mib"] == pytest.approx(vanilla * 177 / 192)
+    assert short["kv_mib"] == pytest.approx(vanilla * 147 / 192)

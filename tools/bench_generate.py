@@ -56,11 +56,19 @@ def build(shape: str, kind: str, max_len: int, device: str, dtype: torch.dtype) 
     return model.to(dtype).eval()
 
 
-def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def cache_fractions(model: MoRModel, slack: float) -> list[float] | None:
+    """Step cache lengths at `slack` x the trained capacities (Nr - r) / Nr; None (full) when slack is 0."""
+    nr = model.args.num_recursions
+    return [min(1.0, slack * (nr - r) / nr) for r in range(nr)] if slack else None
+
+
+def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed: int, slack: float) -> dict:
     """Steady-state serving: 3 x batch requests through `batch` slots, timed while the queue still holds
     requests (every slot busy; admissions and their prefill included, the final drain not)."""
     a = model.args
-    engine = DepthBatchEngine(model, batch, prompt_len + new_tokens, SamplingConfig(max_new_tokens=new_tokens))
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    fractions = cache_fractions(model, slack)
+    engine = DepthBatchEngine(model, batch, prompt_len + new_tokens, sampling, step_cache_fractions=fractions)
     g = torch.Generator().manual_seed(seed)
     for _ in range(3 * batch):
         engine.submit(torch.randint(0, a.vocab_size, (prompt_len,), generator=g).tolist())
@@ -81,19 +89,37 @@ def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed:
         "tokens_per_s": n / seconds,
         "mean_depth": depth,
         "stack_occupancy": engine.stats["stack_rows"] / max(1, engine.stats["stack_passes"] * batch),
+        "kv_mib": sum(kv.nbytes() for kv in (engine.stack_kv, engine.first_kv, engine.last_kv) if kv) / 2**20,
+        "cache_full_exits": engine.stats["cache_full_exits"] / max(1, n),
     }
 
 
-def max_batch(model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int) -> dict | None:
+def max_batch(model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int, slack: float) -> dict | None:
     """Double the batch until out of memory; the last result that fit."""
     best, batch = None, start
     while True:
         try:
-            best = measure(model, batch, prompt_len, new_tokens, seed)
+            best = measure(model, batch, prompt_len, new_tokens, seed, slack)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return best
         batch *= 2
+
+
+def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
+    """The best of --repeats runs at --batch, and the max-batch result when asked."""
+    model = build(args.shape, kind, args.prompt_len + args.new_tokens, args.device, dtype)
+    measure(model, min(args.batch, 4), args.prompt_len, 2, args.seed, args.cache_slack)  # warm-up
+    runs = [
+        measure(model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack)
+        for _ in range(args.repeats)
+    ]
+    row = {"kind": kind, "at_batch": max(runs, key=lambda r: r["tokens_per_s"])}
+    if args.max_batch:
+        row["at_max_batch"] = max_batch(
+            model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack
+        )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-slack",
+        type=float,
+        default=0.0,
+        help="size MoR step caches at this x the capacities (Nr-r)/Nr, e.g. 1.2; 0 = full length (exact)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="report the best of this many runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -119,23 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     torch.manual_seed(args.seed)
-    rows = []
-    for kind in kinds:
-        model = build(args.shape, kind, args.prompt_len + args.new_tokens, args.device, dtype)
-        measure(model, min(args.batch, 4), args.prompt_len, 2, args.seed)  # warm-up: allocator, kernels
-        runs = [measure(model, args.batch, args.prompt_len, args.new_tokens, args.seed) for _ in range(args.repeats)]
-        row = {"kind": kind, "at_batch": max(runs, key=lambda r: r["tokens_per_s"])}
-        if args.max_batch:
-            row["at_max_batch"] = max_batch(model, args.batch, args.prompt_len, args.new_tokens, args.seed)
-        rows.append(row)
-        del model
+    rows = [bench_kind(args, kind, dtype) for kind in kinds]
     base = {key: rows[0].get(key) for key in ("at_batch", "at_max_batch")} if kinds[0] == "vanilla" else {}
     if args.json:
         print(json.dumps({"shape": args.shape, "device": args.device, "dtype": str(dtype), "rows": rows}))
         return 0
     print(f"shape {args.shape}, {args.device}, {dtype}, prompt {args.prompt_len}, new {args.new_tokens} tokens")
-    print("| model | batch | tokens/s | vs vanilla | mean depth | stack occupancy |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | tokens/s | vs vanilla | mean depth | stack occupancy | KV cache MiB | cache-full exits |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         for key in ("at_batch", "at_max_batch"):
             r = row.get(key)
@@ -145,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             print(
                 f"| {row['kind']} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | {r['mean_depth']:.2f} "
-                f"| {r['stack_occupancy']:.2f} |"
+                f"| {r['stack_occupancy']:.2f} | {r['kv_mib']:.1f} | {r['cache_full_exits']:.3f} |"
             )
     return 0
 
