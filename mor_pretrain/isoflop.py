@@ -105,8 +105,9 @@ def step_fraction(n: int, steps: int) -> float:
 
 
 def budget_tag(flops: float) -> str:
-    """A compact budget label for run names: 2e18, 1.65e19."""
-    return f"{flops:.3g}".replace("e+", "e")
+    """A compact budget label for run names: 2e18, 1.65e19, 5e9."""
+    mantissa, _, exponent = f"{flops:.3g}".partition("e")
+    return mantissa + (f"e{int(exponent)}" if exponent else "")
 
 
 def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPlan]:

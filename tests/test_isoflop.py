@@ -9,6 +9,7 @@ import pytest
 
 from mor_pretrain.config import dump_toml, load_config
 from mor_pretrain.isoflop import (
+    budget_tag,
     load_plan,
     plan_config,
     plan_sweep,
@@ -61,6 +62,16 @@ def test_runs_that_cannot_branch_are_planned_alone():
     # A cosine schedule has no stable phase to branch from.
     runs = plan_config(cfg_of("vanilla_360m", "--optimizer.schedule=cosine"), "v", [16.5e18, 6e18])
     assert all(r.branch_from is None for r in runs)
+
+
+def test_budget_tags_name_runs_compactly():
+    assert [budget_tag(b) for b in (16.5e18, 2e18, 5.35e9, 3e5, 1234.0)] == [
+        "1.65e19",
+        "2e18",
+        "5.35e9",
+        "3e5",
+        "1.23e3",
+    ]
 
 
 def test_bad_plans_are_refused():
