@@ -96,6 +96,26 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, sd)
 
 
+class SchedulerState:
+    """A LambdaLR's position only. The schedule itself comes from the current config, so a resumed run may
+    change lr or the schedule (an isoFLOP cooldown does): after loading, every group's lr is recomputed."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.scheduler.last_epoch}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        s = self.scheduler
+        s.last_epoch = int(sd["last_epoch"])
+        groups = s.optimizer.param_groups
+        for group, base, fn in zip(groups, s.base_lrs, s.lr_lambdas, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(s.last_epoch)
+        s._last_lr = [g["lr"] for g in groups]
+
+
 def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -199,7 +219,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         steps = complete_steps(self.root)
-        keep = set(steps[-self.cfg.keep_latest :])
+        keep = set(steps[-self.cfg.keep_latest :]) | set(self.cfg.save_steps)  # branch points stay
         newest = max(steps) if steps else -1
         for d in self.root.glob("step-*"):
             s = int(d.name[5:]) if d.name[5:].isdigit() else None

@@ -137,6 +137,7 @@ class CheckpointConfig:
     # Checkpoint folder to start from when this run has none of its own (a cooldown branched from a longer
     # run): model, optimizer, data loader and train state are loaded; the lr schedule is this run's.
     init_from: str = ""
+    create_seed: bool = False  # write the initial weights as step 0 and exit; any layout then starts from them
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_latest < 1:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,17 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mor_pretrain.config import ConfigError, JobConfig, dump_toml
+from mor_pretrain.checkpoint import (
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    PreemptionWatcher,
+    SchedulerState,
+    complete_steps,
+    config_differences,
+    step_dir,
+)
+from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
 from mor_pretrain.data import build_dataloader, resolve_vocab_size
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
@@ -50,13 +61,15 @@ class TrainState:
     tokens_seen: int = 0
     flops_paper: float = 0.0
     flops_executed: float = 0.0
+    skipped_steps: int = 0  # updates dropped for a non-finite grad norm (training.nonfinite = "skip")
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))(sd[f.name]))
+            if f.name in sd:  # counters added later default to zero
+                setattr(self, f.name, type(getattr(self, f.name))(sd[f.name]))
 
 
 @dataclass
@@ -213,18 +226,21 @@ def train_step(
     micro_batches: list[dict[str, torch.Tensor]],
     par: Parallel,
     cfg: JobConfig,
-) -> tuple[StepLosses, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches. Returns the losses and the pre-clip grad norm."""
+) -> tuple[StepLosses, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches. Returns the losses, the pre-clip grad norm and
+    whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
-    if cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item():
-        logger.warning("non-finite grad norm: update skipped")
+    skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
+    if skipped:
+        logger.warning("non-finite grad norm %s: update skipped", grad_norm.item())
     else:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    update_router_bias(model, losses.tc_load)
-    return losses, grad_norm
+    if not skipped:
+        update_router_bias(model, losses.tc_load)
+    return losses, grad_norm, skipped
 
 
 def update_router_bias(model: MoRModel, load: torch.Tensor | None) -> None:
@@ -307,6 +323,7 @@ def log_step(
         values["perf/mfu"] = flops_per_position * window.positions / (elapsed * peak * dist.get_world_size())
     values.update({f"mem/{k}": v for k, v in memory_stats(par.device).items()})
     values["progress/tokens"] = float(state.tokens_seen)
+    values["train/skipped_steps"] = float(state.skipped_steps)
     values["progress/flops_paper"] = state.flops_paper
     values["progress/flops_executed"] = state.flops_executed
     return values
@@ -352,7 +369,19 @@ def train(cfg: JobConfig) -> TrainState:
     if t.val_interval:
         val_loader = build_dataloader(cfg.data, split="val", dp_world=dp_world, seed=t.seed, **loader_kw)
     state = TrainState()
-    # Checkpoint seam (issue 5): resume model/optimizer/lr_scheduler/dataloader/train_state here.
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir / cfg.checkpoint.folder, config_toml=dump_toml(cfg))
+    ck_states = {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "lr_scheduler": SchedulerState(scheduler),
+        "train_state": state,
+    }
+    ck_per_rank = {"dataloader": train_loader}
+    if cfg.checkpoint.create_seed:
+        create_seed(checkpointer, model)
+        return finish(state)
+    resume(checkpointer, cfg, ck_states, ck_per_rank)
+    preemption = PreemptionWatcher()
 
     positions = t.global_batch_size * t.seq_len
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
@@ -364,10 +393,12 @@ def train(cfg: JobConfig) -> TrainState:
     first_step = state.step
     window = LogWindow()
     train_iter = iter(train_loader)
-    while state.step < t.steps:
+    stopped = False
+    while state.step < t.steps and not stopped:
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
-        losses, grad_norm = train_step(model, optimizer, scheduler, batches(train_iter, accum), par, cfg)
+        losses, grad_norm, skipped = train_step(model, optimizer, scheduler, batches(train_iter, accum), par, cfg)
         state.step += 1
+        state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
         state.flops_executed += exec_per_pos * positions
@@ -381,10 +412,66 @@ def train(cfg: JobConfig) -> TrainState:
             window = LogWindow()
         if val_loader is not None and state.step % t.val_interval == 0:
             metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
-        # Checkpoint seam (issue 5): save every checkpoint.interval steps and at the end.
+        checkpointer.poll()
+        stopped = preemption.should_stop()
+        if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):
+            require_finite(losses, grad_norm, state.step, t.nonfinite)
+            record = checkpointer.save(state.step, ck_states, ck_per_rank, wait=stopped)
+            metrics.log(state.step, {"checkpoint/stall_s": record.stall_s}, state.step - first_step)
 
-    export_final(model, cfg, par.rank)
+    checkpointer.close()
+    if stopped:
+        logger.warning("preempted: saved step %d; the same command resumes", state.step)
+    else:
+        export_final(model, cfg, par.rank)
     metrics.close()
+    return finish(state)
+
+
+def finish(state: TrainState) -> TrainState:
+    """Leave the process group the way that avoids gloo's abort-at-exit (DISTRIBUTED_FACTS)."""
     dist.barrier()
     dist.destroy_process_group()
     return state
+
+
+def require_finite(losses: StepLosses, grad_norm: torch.Tensor, step: int, mode: str) -> None:
+    """Never checkpoint bad weights: in "stop" mode a non-finite step ends the run before its save.
+    ("skip" mode never applied a non-finite update.) The loss is already reduced into every rank's norm."""
+    if mode == "stop" and not (torch.isfinite(losses.lm) & torch.isfinite(grad_norm)).all().item():
+        raise FloatingPointError(
+            f"step {step}: non-finite loss ({losses.lm.item()}) or grad norm ({grad_norm.item()}); stopping "
+            f'without saving. Resume from the last checkpoint with a lower lr, or set training.nonfinite = "skip"'
+        )
+
+
+def create_seed(checkpointer: Checkpointer, model: MoRModel) -> None:
+    """Write the initial weights as step 0 (model only), so runs of any parallel layout start from them."""
+    if complete_steps(checkpointer.root):
+        raise ConfigError(f"checkpoint.create_seed: {checkpointer.root} already holds checkpoints")
+    checkpointer.save(0, {"model": ModelState(model)}, {}, wait=True)
+    if dist.get_rank() == 0:
+        print(f"seed checkpoint written to {step_dir(checkpointer.root, 0)}", flush=True)
+
+
+def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], per_rank: dict[str, Any]) -> None:
+    """Load the run's latest (or checkpoint.load_step) checkpoint, else checkpoint.init_from, else nothing.
+    A checkpoint whose config differs in a structural key (model shape, tokenizer, seq_len) is refused."""
+    step = checkpointer.resolve_load_step()
+    if step is not None:
+        path = step_dir(checkpointer.root, step)
+    elif cfg.checkpoint.init_from:
+        path = Path(cfg.checkpoint.init_from)
+    else:
+        return
+    current = config_to_dict(cfg)
+
+    def check(saved_toml: str) -> None:
+        diffs = config_differences(saved_toml, current)
+        if diffs:
+            raise ConfigError(f"cannot resume from {path}: the model or data changed: " + "; ".join(diffs))
+
+    start = time.perf_counter()
+    checkpointer.load(path, states, per_rank, check)
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} in {time.perf_counter() - start:.1f}s", flush=True)

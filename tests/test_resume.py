@@ -1,0 +1,136 @@
+"""Checkpointing through the launched trainer: bit-exact resume, resharding across layouts, preemption,
+non-finite handling, seed checkpoints and refusal of a changed model. Each test launches real runs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import ROOT, write_corpus
+
+from mor_pretrain.checkpoint import COMPLETE, complete_steps
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def data_args(tmp_path: Path) -> list[str]:
+    if not (tmp_path / "data").exists():
+        write_corpus(tmp_path / "data")
+    return [
+        f"--data.sources=['{tmp_path}/data/train/*.jsonl']",
+        f"--data.val_sources=['{tmp_path}/data/val/*.jsonl']",
+        f"--data.tokenizer={tmp_path}/data/tok.model",
+        "--data.lanes=4",
+        "--training.seq_len=64",
+        "--metrics.log_interval=1",
+        f"--run_root={tmp_path / 'runs'}",
+    ]
+
+
+def launch(tmp_path, *overrides, nproc=2, config="debug_mor", wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    cmd += ["--config", f"train_configs/{config}.toml", *data_args(tmp_path), *overrides]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)} if tag in ea.Tags()["scalars"] else {}
+
+
+@pytest.mark.parametrize("config", ["debug_vanilla", "debug_mor"])
+def test_resume_is_bit_exact_and_a_changed_model_is_refused(tmp_path, config):
+    args = ["--training.steps=6", "--checkpoint.interval=3", "--training.deterministic=true"]
+    ok(launch(tmp_path, *args, "--checkpoint.async_save=true", config=config))
+    run = tmp_path / "runs" / config
+    full = scalars(run, "train/loss")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert complete_steps(run / "checkpoints") == [3, 6]
+    assert scalars(run, "checkpoint/stall_s")  # the async save's stall is logged
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    shutil.rmtree(run / "export")
+    proc = ok(launch(tmp_path, *args, config=config))  # the same command resumes from step 3
+    assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    resumed = scalars(run, "train/loss")
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    bad = launch(tmp_path, *args, "--model.d_model=64", "--model.n_heads=2", "--model.n_kv_heads=1", config=config)
+    assert bad.returncode != 0
+    assert "model.d_model: checkpoint has 128, this run has 64" in bad.stdout + bad.stderr
+
+
+def test_resharding_2_to_fsdp_tp_4_to_1_continues_the_losses(tmp_path):
+    common = ["--optimizer.schedule=constant", "--training.micro_batch_size=2", "--checkpoint.interval=2"]
+    ok(launch(tmp_path, *common, "--training.steps=6", "--name=reference", nproc=1))
+    ref = scalars(tmp_path / "runs" / "reference", "train/loss")
+    ok(launch(tmp_path, *common, "--training.steps=2", "--name=moved", nproc=2))
+    ok(launch(tmp_path, *common, "--training.steps=4", "--name=moved", "--parallelism.tp=2", nproc=4))
+    ok(launch(tmp_path, *common, "--training.steps=6", "--name=moved", nproc=1))
+    moved = scalars(tmp_path / "runs" / "moved", "train/loss")
+    assert sorted(moved) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert moved[step] == pytest.approx(ref[step], abs=2e-4), (step, moved, ref)
+
+
+def test_preemption_signal_saves_and_next_launch_resumes(tmp_path):
+    proc = launch(tmp_path, "--training.steps=400", "--checkpoint.interval=0", wait=False)
+    lines = []
+    deadline = time.time() + 300
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+        assert time.time() < deadline, "".join(lines)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-USR1", workers[0]], check=True)  # one rank only: all must agree to stop
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines) + out
+    run = tmp_path / "runs" / "debug_mor"
+    (stopped,) = complete_steps(run / "checkpoints")
+    assert 3 <= stopped < 400 and not (run / "export").exists()
+    proc = ok(launch(tmp_path, f"--training.steps={stopped + 2}"))
+    assert f"step-{stopped:08d}" in proc.stdout
+    assert max(scalars(run, "train/loss")) == stopped + 2 and (run / "export").exists()
+
+
+def test_nonfinite_stop_saves_nothing_bad_and_skip_counts(tmp_path):
+    blowup = ["--optimizer.lr=1e30", "--optimizer.warmup_fraction=0", "--training.steps=6"]
+    stop = launch(tmp_path, *blowup, "--checkpoint.interval=1", "--name=stop")
+    assert stop.returncode != 0 and "non-finite" in stop.stdout + stop.stderr
+    for step in complete_steps(tmp_path / "runs" / "stop" / "checkpoints"):
+        from mor_pretrain.convert import load_dcp_model
+
+        _, state, _ = load_dcp_model(tmp_path / "runs" / "stop" / "checkpoints" / f"step-{step:08d}", progress=False)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), step
+    ok(launch(tmp_path, *blowup, "--training.nonfinite=skip", "--name=skip"))
+    skip_run = tmp_path / "runs" / "skip"
+    skipped = scalars(skip_run, "train/skipped_steps")
+    nonfinite = sum(1 for v in scalars(skip_run, "train/grad_norm").values() if not math.isfinite(v))
+    assert skipped[6] >= 1 and skipped[6] == nonfinite
+
+
+def test_seed_checkpoint_is_step_zero_and_runs_start_from_it(tmp_path):
+    ok(launch(tmp_path, "--checkpoint.create_seed=true", nproc=1))
+    seed = tmp_path / "runs" / "debug_mor" / "checkpoints" / "step-00000000"
+    assert (seed / COMPLETE).exists()
+    proc = ok(launch(tmp_path, "--training.steps=2", nproc=2))
+    assert "step-00000000" in proc.stdout
+    assert complete_steps(seed.parent) == [0, 2]  # the seed is never pruned
