@@ -147,7 +147,8 @@ class DepthBatchEngine:
         step_cache_fractions: list[float] | None = None,
     ):
         """step_cache_fractions: per recursion step, its cache length as a fraction of max_len (default all
-        1: exact). Smaller regions save memory; a token finding its step's region full exits early."""
+        1: exact). Smaller regions save memory; a token finding its step's region full exits early. With
+        KV sharing only step 0 stores, so only the first value is used."""
         a = model.args
         if a.sharing not in ("cycle", "middle_cycle"):
             raise ValueError(
