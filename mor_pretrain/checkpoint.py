@@ -98,7 +98,8 @@ class OptimizerState:
 
 class SchedulerState:
     """A LambdaLR's position only. The schedule itself comes from the current config, so a resumed run may
-    change lr or the schedule (an isoFLOP cooldown does): after loading, every group's lr is recomputed."""
+    change lr or the schedule (an isoFLOP cooldown does). DCP loads the optimizer (whose param groups carry
+    the saved lr) after this, so call `apply()` once everything is loaded."""
 
     def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
         self.scheduler = scheduler
@@ -107,8 +108,11 @@ class SchedulerState:
         return {"last_epoch": self.scheduler.last_epoch}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.scheduler.last_epoch = int(sd["last_epoch"])
+
+    def apply(self) -> None:
+        """Set every param group's lr from this run's schedule at the loaded position."""
         s = self.scheduler
-        s.last_epoch = int(sd["last_epoch"])
         groups = s.optimizer.param_groups
         for group, base, fn in zip(groups, s.base_lrs, s.lr_lambdas, strict=True):
             group["initial_lr"] = base

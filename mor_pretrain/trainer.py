@@ -410,7 +410,7 @@ def train(cfg: JobConfig) -> TrainState:
                 raise FloatingPointError(f"step {state.step}: non-finite loss or grad norm: {values}")
             metrics.log(state.step, values, state.step - first_step)
             window = LogWindow()
-        if val_loader is not None and state.step % t.val_interval == 0:
+        if val_loader is not None and (state.step % t.val_interval == 0 or state.step == t.steps):
             metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
         checkpointer.poll()
         stopped = preemption.should_stop()
@@ -473,5 +473,6 @@ def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], p
 
     start = time.perf_counter()
     checkpointer.load(path, states, per_rank, check)
+    states["lr_scheduler"].apply()
     if dist.get_rank() == 0:
         print(f"resumed from {path} in {time.perf_counter() - start:.1f}s", flush=True)
