@@ -321,7 +321,11 @@ class PreemptionWatcher:
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._group: dist.ProcessGroup | None = None
+        if dist.is_initialized():
+            group = dist.new_group(backend="gloo")
+            assert isinstance(group, dist.ProcessGroup)  # every rank is a member
+            self._group = group
         for sig in signals:
             signal.signal(sig, self._handle)
 
