@@ -112,7 +112,7 @@ def run_parallel(cfg: JobConfig) -> dict[str, list]:
                 grads[n] = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
 
         handle = opt.register_step_pre_hook(keep_grads) if s == 0 else None
-        losses, norm = train_step(model, opt, sched, batches, par, cfg)
+        losses, norm, _ = train_step(model, opt, sched, batches, par, cfg)
         if handle is not None:
             handle.remove()
             log["grads"] = grads
