@@ -108,7 +108,7 @@ class MetricLogger:
             self.tb_dir = run_dir / "tb"
             self.writer = SummaryWriter(str(self.tb_dir))
 
-    def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int) -> None:
+    def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int, console: bool = True) -> None:
         """Write `scalars` at global step `step`; steps_done_since_start drives the ETA."""
         if self.rank != 0:
             return
@@ -116,6 +116,8 @@ class MetricLogger:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if not console:
+            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(steps_done_since_start, 1) * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]

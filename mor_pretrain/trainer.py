@@ -417,7 +417,9 @@ def train(cfg: JobConfig) -> TrainState:
         if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):
             require_finite(losses, grad_norm, state.step, t.nonfinite)
             record = checkpointer.save(state.step, ck_states, ck_per_rank, wait=stopped)
-            metrics.log(state.step, {"checkpoint/stall_s": record.stall_s}, state.step - first_step)
+            metrics.log(state.step, {"checkpoint/stall_s": record.stall_s}, state.step - first_step, console=False)
+            if par.rank == 0:
+                print(f"step {state.step}: checkpoint saved (training stalled {record.stall_s:.2f}s)", flush=True)
 
     checkpointer.close()
     if stopped:
