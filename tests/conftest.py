@@ -29,6 +29,15 @@ def tiny_model(seed: int = 0, **kw) -> MoRModel:
     return model
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matmuls on a shared, busy CPU: OpenMP threads mostly wait on each other (up to 100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fp32_deterministic():
     torch.manual_seed(0)

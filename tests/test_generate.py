@@ -17,6 +17,8 @@ from mor_pretrain.generate import (
     trim_stop,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 KINDS = {
     "vanilla": dict(num_recursions=1, sharing="cycle", n_layers=4),
     "recursive": dict(router="none"),
@@ -29,15 +31,6 @@ KINDS = {
     "token": dict(router="token"),
     "token_softmax_share": dict(router="token", router_activation="softmax", router_alpha=1.0, kv_mode="share"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: on a shared, busy CPU, OpenMP threads mostly wait on each other (100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def model_for(kind: str, **kw):

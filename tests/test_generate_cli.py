@@ -16,17 +16,11 @@ from conftest import tiny_model
 from mor_pretrain.export import load_exported, save_exported
 from mor_pretrain.generate import DepthControl, SamplingConfig, generate
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "a", "recursion", "token", "router", "depth", "cache", "layer", "model", "stack", "expert"]
 WORDS += ["choice", "sequence", "step", "key", "value"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

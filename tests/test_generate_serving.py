@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_model
+from test_generate import KINDS as GENERATE_KINDS
 
 from mor_pretrain.generate import (
     DepthControl,
@@ -15,27 +16,11 @@ from mor_pretrain.generate import (
 )
 from mor_pretrain.serving import DepthBatchEngine
 
-KINDS = {
-    "vanilla": dict(num_recursions=1, sharing="cycle", n_layers=4),
-    "recursive": dict(router="none"),
-    "recursive_share": dict(router="none", kv_mode="share"),
-    "expert": dict(router="expert"),
-    "expert_share": dict(router="expert", kv_mode="share"),
-    "expert_aux_mlp": dict(router="expert", aux_router=True, router_arch="mlp"),
-    "expert_low_first_capacity": dict(router="expert", capacities=[0.75, 0.5, 0.25]),
-    "token": dict(router="token"),
-    "token_share": dict(router="token", kv_mode="share"),
-}
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Every kind cached generation supports except sequence sharing, which the engine refuses by design.
+KINDS = {k: v for k, v in GENERATE_KINDS.items() if "sequence" not in k}
 MAX_NEW = [3, 9, 5, 12, 1, 7, 10]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: on a shared, busy CPU, OpenMP threads mostly wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def requests():
