@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,12 +22,6 @@ from mor_pretrain.checkpoint import (
     step_dir,
 )
 from mor_pretrain.config import CheckpointConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Counter:
@@ -139,8 +132,9 @@ def test_async_save_completes_and_reports_stall(tmp_path):
 
 
 def _fsdp_worker(rank, world, ckdir, out, save):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CK_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    # A file rendezvous: no port to pick, so no race with other processes for one.
+    init = f"file://{ckdir}/rendezvous-{'save' if save else 'load'}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     from torch.distributed.fsdp import fully_shard
 
     model, _ = make(seed=0)
@@ -166,9 +160,7 @@ def _fsdp_worker(rank, world, ckdir, out, save):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_checkpoint_reshards_from_2_ranks_to_1(tmp_path):
-    os.environ["CK_PORT"] = str(free_port())
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path), "", True), nprocs=2)
-    os.environ["CK_PORT"] = str(free_port())
     mp.spawn(_fsdp_worker, args=(1, str(tmp_path), str(tmp_path / "full.pt"), False), nprocs=1)
     got = torch.load(tmp_path / "full.pt")
     ref, opt = make(seed=0)
