@@ -1,6 +1,5 @@
 import dataclasses
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -83,9 +82,9 @@ def test_bad_checkpoints_are_refused(tmp_path):
         load_dcp_model(tmp_path / "run", progress=False)
 
 
-def _fsdp_save_worker(rank, world, port, ckpt):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+def _fsdp_save_worker(rank, world, init, ckpt):
+    os.environ.update(OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -107,10 +106,8 @@ def test_sharded_two_rank_checkpoint_converts_without_a_process_group(tmp_path):
     ref = tiny_model(seed=7, router="expert")
     (run / "config.toml").write_text(job_toml(ref.args))
     ckpt = run / "checkpoints" / "step-00000001"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_save_worker, args=(2, port, str(ckpt)), nprocs=2, join=True)
+    init = f"file://{tmp_path}/rendezvous"  # no free TCP port to pick and race for
+    mp.spawn(_fsdp_save_worker, args=(2, init, str(ckpt)), nprocs=2, join=True)
     assert not dist.is_initialized()
     loaded, _ = load_exported(dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False))
     for k, v in ref.state_dict().items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -122,17 +122,12 @@ def run_parallel(cfg: JobConfig) -> dict[str, list]:
     return log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, out_dir: Path, fn, args) -> None:
+def _entry(rank: int, world: int, init: str, out_dir: Path, fn, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     result = fn(*args)
     torch.save(result, out_dir / f"rank{rank}.pt")
     dist.barrier()
@@ -140,7 +135,9 @@ def _entry(rank: int, world: int, port: int, out_dir: Path, fn, args) -> None:
 
 
 def spawn(world: int, tmp_path: Path, fn, *args) -> list:
-    mp.spawn(_entry, args=(world, _free_port(), tmp_path, fn, args), nprocs=world, join=True)
+    # A file rendezvous (fresh per launch): no free TCP port to pick and race for.
+    init = f"file://{tmp_path}/rendezvous-{uuid.uuid4().hex}"
+    mp.spawn(_entry, args=(world, init, tmp_path, fn, args), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
