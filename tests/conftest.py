@@ -1,6 +1,9 @@
 import re
+from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from mor_pretrain.models import ModelArgs, MoRModel
@@ -27,6 +30,19 @@ def tiny_model(seed: int = 0, **kw) -> MoRModel:
     model = MoRModel(tiny_args(**kw))
     model.init_weights()
     return model
+
+
+def train_bpe(texts: Iterable[str], prefix: Path, vocab_size: int, **options) -> Path:
+    """Train a small SentencePiece BPE model on `texts` (about a second); returns the .model path."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        minloglevel=2,
+        **options,
+    )
+    return prefix.with_suffix(".model")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 pre-tokenized shards and bad input. Everything runs on a small corpus written here and a 400-piece
 SentencePiece model trained here (about a second)."""
 
+import importlib
 import json
 import logging
 import pickle
@@ -11,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
+from conftest import train_bpe
 
 from mor_pretrain.config import DataConfig
 from mor_pretrain.data import DataError, build_dataloader, load_tokenizer, resolve_vocab_size
@@ -21,6 +22,15 @@ from mor_pretrain.data.sources import Skips, iter_texts, open_source
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "was", "with", "be", "king", "river", "stone"]
 SEQ = 16
+
+
+def import_tool(name: str):
+    """A module from tools/ (command lines, not a package)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -39,15 +49,8 @@ def corpus(tmp_path_factory):
     docs = make_docs(160)
     write_jsonl(root / "a.jsonl", docs[:100])
     write_jsonl(root / "b.jsonl", docs[100:])
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs),
-        model_prefix=str(root / "tok"),
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        pad_id=3,  # a real pad piece, so a window's lone first token and padding can be told apart
-        minloglevel=2,
-    )
+    # A real pad piece (pad_id), so a window's lone first token and padding can be told apart.
+    train_bpe(docs, root / "tok", 400, byte_fallback=True, pad_id=3)
     return root, docs
 
 
@@ -264,11 +267,7 @@ def test_weighted_mixing(corpus):
 
 def test_pretokenized_matches_streaming(corpus, tmp_path):
     root, _ = corpus
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import pretokenize
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    pretokenize = import_tool("pretokenize")
     pretokenize.pretokenize([str(root / "*.jsonl")], tmp_path / "tok", str(root / "tok.model"), workers=2, parts=3)
     index = json.loads((tmp_path / "tok/index.json").read_text())
     assert index["dtype"] == "uint16" and index["docs"] == 160
@@ -345,11 +344,7 @@ def test_configuration_errors(corpus, tmp_path):
 
 def test_train_tokenizer_tool(corpus, tmp_path):
     root, _ = corpus
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import train_tokenizer
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    train_tokenizer = import_tool("train_tokenizer")
     path = train_tokenizer.train(
         [str(root / "a.jsonl")], str(tmp_path / "t"), vocab_size=40, model_type="unigram", byte_fallback=False
     )

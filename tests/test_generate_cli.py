@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, train_bpe
 
 from mor_pretrain.export import load_exported, save_exported
 from mor_pretrain.generate import DepthControl, SamplingConfig, generate
@@ -28,14 +28,7 @@ def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_cli")
     rng = torch.Generator().manual_seed(0)
     lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=rng)) for _ in range(300)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(root / "tok"),
-        vocab_size=60,
-        model_type="bpe",
-        byte_fallback=False,
-        minloglevel=2,
-    )
+    train_bpe(lines, root / "tok", 60, byte_fallback=False)
     sp = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
     model = tiny_model(init_std=0.1, router="expert", vocab_size=sp.vocab_size())
     extra = {"tokenizer": str(root / "tok.model")}

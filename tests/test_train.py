@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
+from conftest import train_bpe
 
 from mor_pretrain.config import load_config
 from mor_pretrain.export import load_exported
@@ -29,15 +29,7 @@ def write_corpus(root: Path) -> Path:
     for split, part in (("train", docs[:260]), ("val", docs[260:])):
         (root / split).mkdir(parents=True)
         (root / split / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs),
-        model_prefix=str(root / "tok"),
-        vocab_size=320,
-        model_type="bpe",
-        byte_fallback=True,
-        minloglevel=2,
-    )
-    return root / "tok.model"
+    return train_bpe(docs, root / "tok", 320, byte_fallback=True)
 
 
 def run_train(tmp_path: Path, *overrides: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -128,10 +128,6 @@ class Block(nn.Module):
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv
 
-    def kv_for(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values this block would compute for input x (used to build caches)."""
-        return self.attention.project_kv(self.attention_norm(x), rope)
-
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
         self.ffn_norm.init_weights()
