@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from mor_pretrain.config import ConfigError, JobConfig, load_config
 from mor_pretrain.trainer import train
@@ -59,6 +60,17 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {args.config}: {e}")
         return
     train(cfg)
+    leave(0)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit without interpreter teardown. train() has left its process group, but the gloo backend's
+    threads outlive it, and the C++ static destructors of a normal exit race them and can abort the
+    process ("terminate called without an active exception") after a run that succeeded."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -431,7 +431,8 @@ def train(cfg: JobConfig) -> TrainState:
 
 
 def finish(state: TrainState) -> TrainState:
-    """Leave the process group the way that avoids gloo's abort-at-exit (DISTRIBUTED_FACTS)."""
+    """Leave the process group together: no rank exits while another still talks to it. (Its gloo threads
+    outlive it; train.py then exits without interpreter teardown, see train.leave.)"""
     dist.barrier()
     dist.destroy_process_group()
     return state

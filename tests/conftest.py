@@ -1,10 +1,13 @@
+import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
+import torch.multiprocessing as mp
 
 from mor_pretrain.models import ModelArgs, MoRModel
 
@@ -43,6 +46,25 @@ def train_bpe(texts: Iterable[str], prefix: Path, vocab_size: int, **options) ->
         **options,
     )
     return prefix.with_suffix(".model")
+
+
+def spawn(fn: Callable[..., None], nprocs: int, *args) -> None:
+    """mp.spawn(fn, args, nprocs) whose workers leave with os._exit(0) once fn(rank, *args) returns.
+
+    After barrier() and destroy_process_group() the gloo backend's worker and transport threads are still
+    running (FSDP2 and autograd keep the backend alive), and a spawned child exits through sys.exit: full
+    interpreter teardown and C++ static destructors, which then race those threads and sometimes abort
+    ("terminate called without an active exception"). os._exit skips the teardown, as fork children do.
+    A worker that raises still reports its traceback through mp.spawn.
+    """
+    mp.spawn(_run_then_exit, args=(fn, args), nprocs=nprocs, join=True)
+
+
+def _run_then_exit(rank: int, fn: Callable[..., None], args: tuple) -> None:
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

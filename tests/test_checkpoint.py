@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_model
+from conftest import spawn, tiny_model
 
 from mor_pretrain.checkpoint import (
     COMPLETE,
@@ -160,8 +159,8 @@ def _fsdp_worker(rank, world, ckdir, out, save):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_checkpoint_reshards_from_2_ranks_to_1(tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path), "", True), nprocs=2)
-    mp.spawn(_fsdp_worker, args=(1, str(tmp_path), str(tmp_path / "full.pt"), False), nprocs=1)
+    spawn(_fsdp_worker, 2, 2, str(tmp_path), "", True)
+    spawn(_fsdp_worker, 1, 1, str(tmp_path), str(tmp_path / "full.pt"), False)
     got = torch.load(tmp_path / "full.pt")
     ref, opt = make(seed=0)
     train_steps(ref, opt, 2)

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
-from conftest import tiny_args, tiny_model
+from conftest import spawn, tiny_args, tiny_model
 
 from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
 from mor_pretrain.convert import (
@@ -107,7 +106,7 @@ def test_sharded_two_rank_checkpoint_converts_without_a_process_group(tmp_path):
     (run / "config.toml").write_text(job_toml(ref.args))
     ckpt = run / "checkpoints" / "step-00000001"
     init = f"file://{tmp_path}/rendezvous"  # no free TCP port to pick and race for
-    mp.spawn(_fsdp_save_worker, args=(2, init, str(ckpt)), nprocs=2, join=True)
+    spawn(_fsdp_save_worker, 2, 2, init, str(ckpt))
     assert not dist.is_initialized()
     loaded, _ = load_exported(dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False))
     for k, v in ref.state_dict().items():

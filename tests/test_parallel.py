@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn as spawn_workers
 from conftest import tiny_args
 from torch.distributed.tensor import DTensor
 
@@ -137,7 +137,7 @@ def _entry(rank: int, world: int, init: str, out_dir: Path, fn, args) -> None:
 def spawn(world: int, tmp_path: Path, fn, *args) -> list:
     # A file rendezvous (fresh per launch): no free TCP port to pick and race for.
     init = f"file://{tmp_path}/rendezvous-{uuid.uuid4().hex}"
-    mp.spawn(_entry, args=(world, init, tmp_path, fn, args), nprocs=world, join=True)
+    spawn_workers(_entry, world, world, init, tmp_path, fn, args)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
