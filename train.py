@@ -11,7 +11,10 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
+
 from mor_pretrain.config import ConfigError, JobConfig, load_config
+from mor_pretrain.data import DataError
 from mor_pretrain.trainer import train
 
 
@@ -19,16 +22,14 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     """Check a config without devices or data: the mesh for `world_size`, the model built on meta, FLOPs."""
     import torch
 
-    from mor_pretrain.data.tokenizer import resolve_vocab_size
     from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
     from mor_pretrain.models import MoRModel
     from mor_pretrain.parallel import mesh_shape
-    from mor_pretrain.trainer import grad_accumulation
+    from mor_pretrain.trainer import grad_accumulation, size_vocabulary
 
     rep, shard, tp = mesh_shape(cfg.parallelism, world_size)
     accum = grad_accumulation(cfg, rep * shard)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = resolve_vocab_size(cfg.data)
+    size_vocabulary(cfg)
     with torch.device("meta"):
         model = MoRModel(cfg.model)
     t = cfg.training
@@ -41,6 +42,33 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     )
 
 
+# Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors here.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    FloatingPointError,  # a non-finite loss or grad norm under training.nonfinite = "stop"
+)
+
+
+def first_to_fail() -> bool:
+    """Whether this process reports the job's error, so a job prints it once rather than once per rank.
+
+    Before the process group exists every rank fails the same way, so rank 0 reports. After, the first rank
+    to fail claims the report in the launcher's store: the others are either failing the same way or failing
+    because that rank left (a collective with a closed peer), and stay quiet.
+    """
+    if not dist.is_initialized():
+        return int(os.environ.get("RANK", "0")) == 0
+    try:
+        return bool(dist.distributed_c10d._get_default_store().add("mor_pretrain/error_reports", 1) == 1)
+    except Exception:  # the store went away with the launcher: better twice than never
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="TOML job config")
@@ -50,15 +78,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    if args.dry_run is not None:
-        try:
-            dry_run(cfg, args.dry_run)
-        except (ConfigError, ValueError) as e:
-            sys.exit(f"error: {args.config}: {e}")
-        return
-    train(cfg)
+        if args.dry_run is not None:
+            try:
+                dry_run(cfg, args.dry_run)
+            except ValueError as e:  # mesh and batch arithmetic that the config alone cannot check
+                raise ConfigError(f"{args.config}: {e}") from None
+            return
+        train(cfg)
+    except USER_ERRORS as e:
+        if first_to_fail():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Exception:
+        if first_to_fail():
+            raise
+        sys.exit(1)
 
 
 if __name__ == "__main__":
