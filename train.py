@@ -54,6 +54,15 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def user_message(e: Exception) -> str:
+    """The one-line message of a user error. A DataLoader worker's error reaches the trainer re-raised with
+    the worker's traceback in its message; the original `module.Error: message` is its last line."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def first_to_fail() -> bool:
     """Whether this process reports the job's error, so a job prints it once rather than once per rank.
 
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except USER_ERRORS as e:
         if first_to_fail():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Exception:
         if first_to_fail():

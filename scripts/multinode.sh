@@ -9,7 +9,7 @@
 # for several nodes, HSDP (--parallelism.dp_replicate=NNODES) keeps parameter all-gathers inside a node.
 # Signals: SIGTERM or SIGUSR1 sent to torchrun reach every worker on its node; they finish the step, save a
 # checkpoint and exit 0, and the same command resumes. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (seconds, default 30;
-# honoured by torch >= 2.12) is how long torchrun waits for that save before it kills the workers.
+# read by recent torch, 2.14 included) is how long torchrun waits for that save before it kills the workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES (number of machines)}"

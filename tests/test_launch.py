@@ -55,6 +55,23 @@ def test_config_that_is_a_directory_is_one_error_line(tmp_path):
     assert one_error_line(proc) == f"error: config file {tmp_path} is a directory; give the path of a TOML file"
 
 
+@pytest.mark.slow  # two single-process launches and a DataLoader worker: about 25 s on a busy 2-core machine
+def test_an_error_in_a_dataloader_worker_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    cmd = [sys.executable, "train.py", "--config", "train_configs/debug_mor.toml", *data_args(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, f"--data.sources=['{bad}']", "--data.num_workers=1"], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert one_error_line(proc).startswith(f"error: data source '{bad}' has no readable document")
+
+    # Anything else is a bug to report: its traceback stays.
+    boom = "import sys, train; train.train = lambda cfg: 1 / 0; train.main(sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", boom, *cmd[2:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
+    assert "error: " not in proc.stderr
+
+
 @pytest.mark.slow  # three 2-process launches, about 30 s on 2 cores
 @pytest.mark.distributed
 def test_launched_errors_print_one_line_from_the_failing_rank(tmp_path):
