@@ -22,6 +22,7 @@ from test_resume import data_args, launch, scalars
 from test_train import ROOT
 
 from mor_pretrain.checkpoint import complete_steps
+from mor_pretrain.config import ConfigError
 from mor_pretrain.data import DataError, build_dataloader
 from mor_pretrain.data.sources import check_readable, open_source
 
@@ -109,6 +110,21 @@ def first_batch(tmp_path, tokenizer, sources, **kw):
     cfg = DataConfig(sources=sources, tokenizer=str(tokenizer), lanes=4, **kw)
     dl = build_dataloader(cfg, split="train", seq_len=8, micro_batch_size=2, dp_rank=0, dp_world=1, seed=0)
     return next(iter(dl))
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_at_setup(tokenizer):
+    from mor_pretrain.config import JobConfig
+    from mor_pretrain.trainer import size_vocabulary
+
+    cfg = JobConfig()
+    cfg.data.tokenizer, cfg.data.vocab_multiple = str(tokenizer), 48
+    size_vocabulary(cfg)
+    assert cfg.model.vocab_size == 96  # 64 pieces, padded to a multiple of 48
+    cfg.model.vocab_size = 64
+    size_vocabulary(cfg)  # exactly the tokenizer's size is enough
+    cfg.model.vocab_size = 63
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(63\) is smaller than the tokenizer's 64 pieces"):
+        size_vocabulary(cfg)
 
 
 def test_unreadable_jsonl_reports_skips_by_reason(tmp_path, tokenizer):
