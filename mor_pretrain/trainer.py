@@ -41,7 +41,8 @@ from mor_pretrain.checkpoint import (
     step_dir,
 )
 from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
-from mor_pretrain.data import build_dataloader, resolve_vocab_size
+from mor_pretrain.data import build_dataloader, load_tokenizer
+from mor_pretrain.data.tokenizer import padded_vocab_size
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.metrics import MetricLogger, device_name, memory_stats, peak_flops, reduce_scalars, routing_scalars
@@ -148,6 +149,19 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     return model
+
+
+def size_vocabulary(cfg: JobConfig) -> None:
+    """Size the embedding from the tokenizer when model.vocab_size is 0; refuse one that some token ids
+    would index past (that fails only later, deep inside the forward)."""
+    pieces = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = padded_vocab_size(pieces, cfg.data.vocab_multiple)
+    elif cfg.model.vocab_size < pieces:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's {pieces} pieces "
+            f"(data.tokenizer = {cfg.data.tokenizer!r}); set model.vocab_size = 0 to size it from the tokenizer"
+        )
 
 
 def grad_accumulation(cfg: JobConfig, dp_world: int) -> int:
@@ -354,8 +368,7 @@ def train(cfg: JobConfig) -> TrainState:
     accum = grad_accumulation(cfg, dp_world)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = resolve_vocab_size(cfg.data)
+    size_vocabulary(cfg)
     if par.rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))

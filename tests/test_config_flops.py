@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mor_pretrain.config import ConfigError, dump_toml, load_config
+from mor_pretrain.config import ConfigError, DataConfig, OptimizerConfig, dump_toml, load_config
 from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.models import MoRModel
 
@@ -90,6 +91,13 @@ def write(tmp_path, text):
         ("", ["--training.stepz=3"], "unknown key training.stepz"),
         ("", ["--optimizer.lr=-1"], "optimizer.lr"),
         ("", ["--parallelism.activation_checkpoint=most"], "parallelism.activation_checkpoint must be one of"),
+        ("", ["--training.seed=-1"], r"training.seed must be >= 0, got -1"),
+        ("[optimizer]\ngrad_clip = -1.0\n", [], r"optimizer.grad_clip must be >= 0"),
+        ("", ["--optimizer.lr=inf"], "optimizer.lr must be a finite number, got inf"),
+        ("[optimizer]\nlr = nan\n", [], "optimizer.lr must be a finite number, got nan"),
+        ("[model]\nrouter_alpha = -inf\n", [], "model.router_alpha must be a finite number"),
+        ("[data]\nsources = ['a', 'b']\nweights = [nan, 1.0]\n", [], r"data.weights\[0\] must be a finite number"),
+        ("[data]\nsources = ['a', 'b']\nweights = [-1.0, 2.0]\n", [], "data.weights must all be finite numbers > 0"),
     ],
 )
 def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):
@@ -97,6 +105,20 @@ def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(p, overrides)
     assert str(p) in str(e.value)
+
+
+def test_sections_built_in_code_refuse_non_finite_values():
+    with pytest.raises(ConfigError, match=r"data.weights must all be finite numbers > 0, got \[nan, 1.0\]"):
+        DataConfig(sources=["a", "b"], weights=[math.nan, 1.0]).validate()
+    with pytest.raises(ConfigError, match="optimizer.lr must be a finite number > 0, got inf"):
+        OptimizerConfig(lr=math.inf).validate()
+
+
+def test_config_path_that_is_a_directory_or_missing_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path / 'nope.toml'}"):
+        load_config(tmp_path / "nope.toml")
 
 
 def test_overrides_beat_file_and_round_trip(tmp_path):

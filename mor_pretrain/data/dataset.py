@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mor_pretrain.data.sources import DataError, Skips, Source, iter_texts, iter_token_docs
+from mor_pretrain.data.sources import DataError, Skips, Source, check_readable, iter_texts, iter_token_docs
 from mor_pretrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def _check_pass(plan: Plan, lane: int, windows: int, tokens: int) -> None:
         return
     where = f"data source {plan.sources[lane // plan.lanes].spec!r}, lane {lane % plan.lanes} of {plan.lanes}"
     if windows == 0:
+        check_readable(plan.sources[lane // plan.lanes])
         raise DataError(
             f"{where} holds no document: the source has too few documents (or too few usable ones) "
             f"for data.lanes={plan.lanes}; lower data.lanes or add data"

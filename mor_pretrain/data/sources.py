@@ -65,14 +65,13 @@ class Source:
 class Skips:
     """Counts skipped records by reason; the first few of each reason are logged with their location."""
 
-    LOG_FIRST = 3
-
-    def __init__(self) -> None:
+    def __init__(self, log_first: int = 3) -> None:
         self.counts: Counter[str] = Counter()
+        self.log_first = log_first
 
     def add(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
-        if self.counts[reason] <= self.LOG_FIRST:
+        if self.counts[reason] <= self.log_first:
             log.warning("skipping %s: %s", where, reason)
 
     def summary(self) -> str:
@@ -149,11 +148,28 @@ def iter_texts(source: Source, part: int, parts: int, skips: Skips) -> Iterator[
                 yield text
 
 
+def check_readable(source: Source) -> None:
+    """Refuse a text, jsonl or parquet source that yields no document at all, with the count of records
+    skipped per reason. It reads the whole source when nothing is readable: call it only once a part has
+    come out empty."""
+    if source.format == "tokens":
+        return
+    skips = Skips(log_first=0)
+    if next(iter_texts(source, 0, 1, skips), None) is not None:
+        return
+    field = f" with data.text_field {source.text_field!r}" if source.format in ("jsonl", "parquet") else ""
+    files = f"its {len(source.files)} file(s), read as {source.format} (data.format){field},"
+    raise DataError(
+        f"data source {source.spec!r} has no readable document: "
+        + (f"{files} gave only skipped records: {skips.summary()}" if skips.counts else f"{files} hold no record")
+    )
+
+
 def _decode(raw: bytes, where: str, skips: Skips) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        skips.add(f"undecodable bytes ({e.reason} at byte {e.start})", where)
+        skips.add("undecodable bytes", f"{where} ({e.reason} at byte {e.start})")
         return None
     if not text.strip():
         skips.add("empty document", where)
