@@ -12,6 +12,7 @@ import datetime
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,35 @@ def test_mor_nr2_peak_memory_is_below_vanilla_at_the_same_batch(tmp_path: Path) 
     mor, _ = peak_step_memory(tmp_path, "debug_mor", "--model.num_recursions=2", *shape)
     assert fused
     assert mor < 0.95 * vanilla, (mor / 2**20, vanilla / 2**20)
+
+
+def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))  # the trainer's group of one, undone after the test
+    real, tried = bench_train.trainer.train, []
+
+    def train(cfg):
+        tried.append(cfg.training.micro_batch_size)
+        if cfg.training.micro_batch_size > 1:  # a run that dies mid-way, its process group still up
+            bench_train.trainer.init_distributed("cpu")
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(cfg)
+
+    monkeypatch.setattr(bench_train.trainer, "train", train)
+    corpus = bench_train.write_corpus(tmp_path / "corpus", docs=60)
+    s = bench_train.cpu_setting()
+    row = bench_train.run_fitting("vanilla", "vanilla_360m", [], [4, 2, 1], s, corpus, tmp_path / "runs")
+    assert tried == [4, 2, 1] and row["batch"] == 1 and not row["oom"]
+    assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"]) and not dist.is_initialized()
+    assert list((tmp_path / "runs").iterdir()) == []  # no run folder is left behind
 
 
 @pytest.mark.slow  # the whole check on a tiny CPU shape: about 40 s on 2 cores

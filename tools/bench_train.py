@@ -160,13 +160,17 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
     name = label.replace(" ", "_").replace("=", "")
     cfg = job(config, name, overrides, batch, s, corpus, runs)
     reset_device(s.device)
+    oom = False
     try:
         with no_final_save():
             trainer.train(cfg)
     except torch.OutOfMemoryError:
+        oom = True  # clean up below: inside `except` the traceback still holds the model and optimizer
+    if oom:
         if dist.is_initialized():  # the trainer's own exit (barrier + destroy) did not run
             dist.destroy_process_group()
         reset_device(s.device)
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
         return {"label": label, "batch": batch, "oom": True}
     tags = last_scalars(cfg.run_dir)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)

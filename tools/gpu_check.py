@@ -2,12 +2,13 @@
 
     python tools/gpu_check.py OUTDIR [--cpu] [--doc docs/BENCHMARKS.md] [--budget-s 420]
 
-In order: peak bf16 matmul TFLOP/s; training at the 360M shape through the trainer (vanilla, recursive
+It measures: peak bf16 matmul TFLOP/s; training at the 360M shape through the trainer (vanilla, recursive
 Nr=3, MoR expert choice Nr=2 and 3; tools/bench_train.py); a torch.profiler summary of one MoR 360M step
 (top kernels, and the time share of routing, attention, GEMMs, loss, optimizer by kernel name);
 generation through the serving engine (vanilla vs MoR Nr=2, 3, 4 at batch 32 and the largest batch
 reached; tools/bench_generate.py, one process per model); 1.7B vanilla and MoR with activation
-checkpointing at the largest of 16, 8, 4 sequences that fits. Then the targets of the project, each marked
+checkpointing at the largest of 16, 8, 4 sequences that fits. Phases run in the order that puts what
+the targets need first. Then the targets of the project, each marked
 pass or miss. A phase that would not fit in what is left of --budget-s is skipped and says so.
 
 Writes OUTDIR/results.json (every figure), OUTDIR/gpu_check.md (the report) and replaces the section
@@ -160,7 +161,7 @@ def profile_step(s: bench_train.Setting, batch: int, corpus: Path, runs: Path, o
     }
 
 
-def generate(kinds: list[str], cpu: bool, timeout: float) -> dict[str, dict]:
+def generate(kinds: list[str], cpu: bool, max_batch: int, timeout: float) -> dict[str, dict]:
     """tools/bench_generate.py for `kinds` in one process (killed at `timeout`); a row per kind."""
     cmd = [sys.executable, str(ROOT / "tools" / "bench_generate.py"), "--json", "--kinds", ",".join(kinds)]
     cmd += ["--repeats", "1"]
@@ -168,7 +169,7 @@ def generate(kinds: list[str], cpu: bool, timeout: float) -> dict[str, dict]:
         cmd += ["--device", "cpu", "--shape", "tiny", "--batch", "4", "--prompt-len", "4", "--new-tokens", "8"]
     else:
         cmd += ["--device", "cuda", "--shape", "360m", "--batch", "32", "--prompt-len", "64", "--new-tokens", "128"]
-        cmd += ["--max-batch", "--max-batch-limit", "512"]
+        cmd += ["--max-batch", "--max-batch-limit", str(max_batch)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
@@ -238,10 +239,11 @@ def report(res: dict) -> str:
     if isinstance(res["datasheet"], float):
         peaks["datasheet"] = res["datasheet"]
     lines += ["", "### Training", ""]
+    st = res["setting"]
     lines += [
-        f"Through the trainer (FSDP2 on one device, bf16, regional compile: {res['setting']['compile']}, fused "
-        f"AdamW on GPU), synthetic corpus, {res['setting']['steps']} steps; figures of the second half of "
-        "the steps. TFLOP/s counts executed FLOPs (forward + backward, causal attention halved, LM head, "
+        f"Through the trainer (FSDP2 on one device, bf16 on GPU, regional compile: {st['compile']}, fused AdamW "
+        f"on GPU), synthetic corpus, {st['steps']} steps (1.7B: {st['steps_1.7b']}); figures of the second half "
+        "of the steps. TFLOP/s counts executed FLOPs (forward + backward, causal attention halved, LM head, "
         "routers). 1.7B with full activation checkpointing (recompute not counted as useful)."
     ]
     lines += [""] + bench_train.table(res["train"] + res["train_1.7b"], peaks)
@@ -323,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="every phase at a tiny shape on the CPU")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds for all phases together")
+    p.add_argument("--gen-max-batch", type=int, default=512, help="largest generation batch tried (GPU)")
     p.add_argument("--command", default="python tools/gpu_check.py", help="the command recorded in the report")
     p.add_argument("--tests-log", type=Path, help="the pytest output of the gpu tests")
     p.add_argument("--tests-command", default="", help="the pytest command recorded in the report")
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s, COST_CPU if args.cpu else COST_GPU)
     device = "cpu" if args.cpu else "cuda"
     s = bench_train.cpu_setting() if args.cpu else bench_train.gpu_setting()
+    big = bench_train.cpu_setting() if args.cpu else bench_train.gpu_setting(steps=8)
     batch, big_batches = (2, [2]) if args.cpu else (16, [16, 8, 4])
     args.outdir.mkdir(parents=True, exist_ok=True)
     work = args.outdir / "work"
@@ -351,25 +355,32 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tests": {"command": args.tests_command, "summary": tests_summary(args.tests_log)},
         "datasheet": datasheet / 1e12 if datasheet else "unknown for this device",
-        "setting": {"steps": s.steps, "seq_len": s.seq_len, "compile": s.compile},
+        "gen_max_batch": args.gen_max_batch,
+        "setting": {"steps": s.steps, "steps_1.7b": big.steps, "seq_len": s.seq_len, "compile": s.compile},
         "train": [],
         "train_1.7b": [],
         "generate": {},
     }
     res["matmul"] = matmul_tflops(device)
     runs = work / "runs"
+    # Most wanted first (the targets need the 360M runs and vanilla / MoR-4 generation): what the budget
+    # cuts is at the end. On a GPU one generation process per model, so a slow one costs only itself.
     for label, config, overrides in bench_train.RUNS_360M:
         if budget.allows("train", f"training {label}"):
             res["train"].append(bench_train.run_one(label, config, overrides, batch, s, corpus, runs))
+    gen_groups = [GEN_KINDS] if args.cpu else [[k] for k in GEN_KINDS]
+    for kinds in gen_groups[:2]:
+        if budget.allows("generate", f"generation {','.join(kinds)}"):
+            res["generate"].update(generate(kinds, args.cpu, args.gen_max_batch, budget.left()))
     if budget.allows("profile", "the profile"):
         res["profile"] = profile_step(s, batch, corpus, runs, args.outdir)
-    # On a GPU one process per model, so that a slow one costs only itself; on the CPU one for all.
-    for kinds in [GEN_KINDS] if args.cpu else [[k] for k in GEN_KINDS]:
-        if budget.allows("generate", f"generation {','.join(kinds)}"):
-            res["generate"].update(generate(kinds, args.cpu, budget.left()))
     for label, config, overrides in bench_train.RUNS_1_7B:
         if budget.allows("train_1.7b", f"training {label}"):
-            res["train_1.7b"].append(bench_train.run_fitting(label, config, overrides, big_batches, s, corpus, runs))
+            res["train_1.7b"].append(bench_train.run_fitting(label, config, overrides, big_batches, big, corpus, runs))
+    for kinds in gen_groups[2:]:
+        if budget.allows("generate", f"generation {','.join(kinds)}"):
+            res["generate"].update(generate(kinds, args.cpu, args.gen_max_batch, budget.left()))
+    res["generate"] = {k: res["generate"][k] for k in GEN_KINDS if k in res["generate"]}
     train = {r["label"]: r for r in res["train"]}
     res["targets"] = target_rows(train, res["generate"], res["matmul"]["tflops"], args.cpu)
     res["skipped"] = budget.skipped
