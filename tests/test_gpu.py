@@ -9,6 +9,7 @@ compile) so the code path cannot rot. `scripts/gpu_check.sh` runs the gpu tests 
 from __future__ import annotations
 
 import datetime
+import importlib
 import math
 import os
 import shutil
@@ -76,6 +77,15 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def tools_module(name: str):
+    """A module of tools/ (command lines, not a package)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
 
 
 @pytest.mark.slow  # three launches: about 25 s on 2 CPU cores
@@ -170,11 +180,7 @@ def test_mor_nr2_peak_memory_is_below_vanilla_at_the_same_batch(tmp_path: Path) 
 
 
 def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    bench_train = tools_module("bench_train")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -198,7 +204,27 @@ def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch
     assert list((tmp_path / "runs").iterdir()) == []  # no run folder is left behind
 
 
-@pytest.mark.slow  # the whole check on a tiny CPU shape: about 40 s on 2 cores
+@pytest.mark.parametrize(
+    ("kernel", "cls"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "GEMM"),
+        ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),  # cutlass, yet attention
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+        ("void at::native::sbtopk::gatherTopK<c10::BFloat16, unsigned int, 2, false>", "routing"),
+        ("triton_poi_fused_index_put_scatter_add_0", "routing"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>", "loss"),
+        ("void at::native::embedding_backward_feature_kernel<c10::BFloat16, float, long>", "embedding"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "FSDP comms + copies"),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "other"),
+    ],
+)
+def test_profile_kernel_classes(kernel: str, cls: str) -> None:
+    assert tools_module("gpu_check").classify(kernel) == cls
+
+
+@pytest.mark.slow  # the whole check on a tiny CPU shape: 25 to 70 s on 2 (shared) cores
 def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nkept\n\n<!-- gpu_check:start -->\nstale\n<!-- gpu_check:end -->\n\ntail\n")
