@@ -147,7 +147,7 @@ def peak_step_memory(tmp_path: Path, config: str, *overrides: str) -> tuple[floa
     own pieces (FSDP2 on a group of one, mixed precision, fused AdamW); and whether AdamW is fused."""
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg-{config}", rank=0, world_size=1)
     try:
-        cfg = load_config(f"train_configs/{config}.toml", ["--training.dtype=bfloat16", *overrides])
+        cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--training.dtype=bfloat16", *overrides])
         device = torch.device("cuda", 0)
         mesh = build_mesh(cfg.parallelism, "cuda")
         par = Parallel(device, mesh, *dp_coordinates(mesh), 1)
