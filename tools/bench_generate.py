@@ -28,8 +28,9 @@ from mor_pretrain.models import ModelArgs, MoRModel
 from mor_pretrain.serving import DepthBatchEngine
 
 # (d_model, n_heads, n_kv_heads, d_ffn, vocab): 360m is the paper's (MOR_FACTS s1); small keeps its
-# proportions (head_dim 64, d_ffn / d_model, LM head share of the FLOPs) at 2/5 of the width.
-SHAPES = {"360m": (960, 15, 5, 2560, 49152), "small": (384, 6, 2, 1024, 16384)}
+# proportions (head_dim 64, d_ffn / d_model, LM head share of the FLOPs) at 2/5 of the width; tiny only
+# exercises the code path (scripts/gpu_check.sh --cpu).
+SHAPES = {"360m": (960, 15, 5, 2560, 49152), "small": (384, 6, 2, 1024, 16384), "tiny": (64, 4, 2, 128, 512)}
 # Applied layers: vanilla 32; MoR middle-cycle 1 + base x Nr + 1 (MOR_FACTS s1).
 KINDS = {"vanilla": (1, 32), "mor2": (2, 32), "mor3": (3, 32), "mor4": (4, 34)}
 
@@ -94,16 +95,19 @@ def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed:
     }
 
 
-def max_batch(model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int, slack: float) -> dict | None:
-    """Double the batch until out of memory; the last result that fit."""
+def max_batch(
+    model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int, slack: float, limit: int
+) -> dict | None:
+    """Double the batch until out of memory or past `limit` (0 = none); the last result that fit."""
     best, batch = None, start
-    while True:
+    while not limit or batch <= limit:
         try:
             best = measure(model, batch, prompt_len, new_tokens, seed, slack)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return best
         batch *= 2
+    return best
 
 
 def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
@@ -117,7 +121,7 @@ def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
     row = {"kind": kind, "at_batch": max(runs, key=lambda r: r["tokens_per_s"])}
     if args.max_batch:
         row["at_max_batch"] = max_batch(
-            model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack
+            model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack, args.max_batch_limit
         )
     return row
 
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {list(KINDS)}")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
+    p.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=0,
+        help="stop doubling past this batch (0 = until out of memory): admissions prefill one request at a "
+        "time, so a measurement at batch B costs about 3 B prefills",
+    )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
