@@ -71,22 +71,30 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
         "train/lr",
         "perf/tokens_per_s",
         "perf/step_time_s",
+        "perf/data_time_s",
+        "perf/data_share",
+        "perf/tflops_per_device",
         "mem/max_rss_gib",
+        "mem/max_rss_share",
+        "train/lm_loss_max_rank",
         "routing/mean_depth",
         "routing/tokens_per_depth/3",
         "progress/tokens",
         "progress/flops_paper",
         "progress/flops_executed",
-        "val/loss",
-        "val/ppl",
+        "val/loss_causal",
+        "val/loss_topk",
+        "val/ppl_causal",
+        "val/ppl_topk",
     ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert "perf/mfu" not in tags  # CPU has no known peak: no MFU rather than a made-up one
     loss = [e.value for e in ea.Scalars("train/loss")]
     assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]
     assert loss[-1] < loss[0] - 1.0, loss
-    val = [e.value for e in ea.Scalars("val/loss")]
+    val = [e.value for e in ea.Scalars("val/loss_causal")]
     assert len(val) == 2 and val[1] < val[0]
+    assert [e.step for e in ea.Scalars("val/loss_topk")] == [15, 30]  # on the training step axis
     tokens = [e.value for e in ea.Scalars("progress/tokens")]
     assert tokens[-1] == 30 * 8 * 64  # steps x global batch x seq_len
     cfg = load_config(run / "config.toml")
