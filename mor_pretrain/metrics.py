@@ -127,7 +127,7 @@ CONSOLE = (
     ("train/grad_norm", "gnorm {:.3f}"),
     ("train/lr", "lr {:.2e}"),
     ("perf/tokens_per_s", "tok/s {:,.0f}"),
-    ("perf/tflops_per_device", "{:.1f} TFLOP/s/dev"),
+    ("perf/tflops_per_device", "{:.3g} TFLOP/s/dev"),
     ("perf/mfu", "mfu {:.1%}"),
     ("perf/data_share", "data {:.1%}"),
     ("mem/max_reserved_share", "mem {:.0%}"),

@@ -459,7 +459,11 @@ def train(cfg: JobConfig) -> TrainState:
             metrics.log(state.step, values, state.step - first_step)
             window = LogWindow()
         if val_loader is not None and (state.step % t.val_interval == 0 or state.step == t.steps):
-            metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
+            start = time.perf_counter()
+            val = validate(model, val_loader, t.val_batches, par)
+            val["perf/val_time_s"] = time.perf_counter() - start
+            window.start += val["perf/val_time_s"]  # training throughput leaves validation out
+            metrics.log(state.step, val, state.step - first_step)
         checkpointer.poll()
         stopped = preemption.should_stop()
         if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):

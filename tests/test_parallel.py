@@ -320,6 +320,7 @@ PER_RANK_TAGS = {
     "perf/data_time_s",
     "perf/data_share",
     "perf/tflops_per_device",
+    "perf/val_time_s",
     "mem/max_rss_gib",
     "mem/max_rss_share",
     "train/lm_loss_max_rank",
@@ -410,7 +411,7 @@ def check_per_rank_figures(tb: dict, world: int, micro: int, dp: int, variant: s
     accum = GLOBAL_BATCH // (micro * dp)
     fpt = executed_flops_per_token(make_cfg(variant).model, SEQ)
     for step, step_s in tb["perf/step_time_s"].items():  # log_interval = 1: one step per window
-        assert tb["perf/data_time_s"][step] >= accum * LOADER_DELAY_S
+        assert tb["perf/data_time_s"][step] >= accum * LOADER_DELAY_S and tb["perf/val_time_s"][step] > 0
         assert tb["perf/data_share"][step] == pytest.approx(tb["perf/data_time_s"][step] / step_s, rel=1e-5)
         tflops = fpt * GLOBAL_BATCH * SEQ / (step_s * world) / 1e12
         assert tb["perf/tflops_per_device"][step] == pytest.approx(tflops, rel=1e-4)
