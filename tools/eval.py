@@ -5,6 +5,7 @@ python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] 
 
 CHECKPOINT: an export folder, a DCP checkpoint folder or a run folder (its export, else its latest complete
 checkpoint). Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
+Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval).
 By default the JSON goes to <run>/eval/<name>.json when CHECKPOINT lies in a run folder.
 """
 
@@ -25,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--tasks", default="all", help=f"comma-separated from {list(TASKS)}; all = the few-shot suite")
     p.add_argument("--shots", type=int, default=0, help="in-context examples (ARC/HellaSwag/PIQA/WinoGrande: 0 or 5)")
-    p.add_argument("--limit", type=int, default=None, help="first N items per task (per subject for MMLU)")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="first N items per task (per subject for MMLU); default: all"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-text", nargs="*", default=[], help="held-out .txt / .jsonl files for task 'val'")
     p.add_argument("--seq-len", type=int, default=None, help="window for task 'val'; default: model max_seq_len")
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(md)
     print(md)
     return 0
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out to score every document), got {n}")
+    return n
 
 
 def default_output(resolved: Path, shots: int) -> str | None:

@@ -8,8 +8,10 @@
 plan: budgets are in the paper's FLOP convention. Per config, the largest budget is a full run; smaller ones
 are cooldowns branched from its checkpoints (trapezoid reuse). --write DIR writes one TOML per run and
 plan.json; run them with `scripts/sweep.sh DIR`. Extra --section.key=value overrides apply to every config.
-report: a markdown table of the runs; with --out, also results.md, results.json and PNG plots of validation
-loss against FLOPs and tokens.
+report: a markdown table of the runs, with both validation losses (causal routing: comparable across model
+families and what a deployed model gets; top-k: expert choice's training-time rule, which sees future tokens;
+equal without expert choice); with --out, also results.md, results.json and PNG plots of validation loss
+against FLOPs and tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     configs = {path: load_config(path, extra) for path in args.configs}
     for path, cfg in configs.items():
         if cfg.training.val_interval == 0:
-            print(f"warning: {path}: training.val_interval = 0, its runs log no val/loss to report", file=sys.stderr)
+            print(f"warning: {path}: training.val_interval = 0, its runs log no validation loss", file=sys.stderr)
     runs = plan_sweep(list(configs.items()), args.budget)
     if args.write is not None:
         path = write_plan(args.write, runs, configs)
