@@ -378,7 +378,7 @@ def test_every_logged_scalar_is_the_same_on_any_layout(tmp_path):
         out = tmp_path / name.replace(" ", "")
         out.mkdir()
         init = f"file://{out}/rendezvous-{uuid.uuid4().hex}"
-        mp.spawn(_spawned_train, args=(world, init, out, micro, par), nprocs=world, join=True)
+        spawn_workers(_spawned_train, world, world, init, out, micro, par)
         logged[name] = {v: read_scalars(out / v / "tb") for v in ("expert", "token")}
     ref = logged["1 rank"]
     for name, (world, micro, par) in LAYOUTS.items():
