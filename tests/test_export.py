@@ -10,7 +10,9 @@ def test_export_round_trip_is_self_describing(tmp_path):
     save_exported(tmp_path / "e", model.args, model.state_dict(), dtype=None, extra={"tokenizer": "default"})
     loaded, meta = load_exported(tmp_path / "e")
     assert meta["model"]["capacities"] == [1.0, 0.5, 0.25] and meta["model"]["kv_mode"] == "share"
-    assert meta["tokenizer"] == "default"
+    # The tokenizer moves with the weights: copied beside them, its source recorded.
+    assert (meta["tokenizer"], meta["tokenizer_source"]) == ("tokenizer.model", "default")
+    assert (tmp_path / "e" / "tokenizer.model").is_file() and (tmp_path / "e" / "tokenizer_config.json").is_file()
     x = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
 

@@ -70,8 +70,11 @@ def run(args: argparse.Namespace) -> object:
     if args.cmd == "to-dcp":
         return convert.export_to_dcp(args.export, args.out)
     if args.cmd == "to-hf":
-        margs, state, _ = convert.load_any(args.src)
-        return convert.save_hf_llama(args.out, margs, state, DTYPES[args.dtype])
+        from mor_pretrain.integrations.hf import save_hf  # optional extra "hf"
+
+        margs, state, meta = convert.load_any(args.src)
+        base = args.src if (Path(args.src) / "config.json").is_file() else None
+        return save_hf(args.out, margs, state, DTYPES[args.dtype], meta.get("tokenizer", ""), base)
     if args.cmd == "from-hf":
         margs, state = convert.load_hf_llama(args.src)
         extra = {"tokenizer": args.tokenizer, "source": args.src}
