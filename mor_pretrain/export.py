@@ -23,6 +23,7 @@ from mor_pretrain.config import _build
 from mor_pretrain.models import ModelArgs, MoRModel
 
 FORMAT = "mor-pretrain/v1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype names of every tool
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Specials of a byte-level BPE without a tokenizer_config.json (SmolLM2 exports written before there was one).
 BPE_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}

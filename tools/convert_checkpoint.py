@@ -15,13 +15,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
 from mor_pretrain import convert
 from mor_pretrain.config import ConfigError, load_config
-from mor_pretrain.export import save_exported
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from mor_pretrain.export import DTYPES, save_exported
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mor_pretrain.evaluate import METRICS, TASKS, evaluate, load_for_eval, to_markdown
+from mor_pretrain.export import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-text", nargs="*", default=[], help="held-out .txt / .jsonl files for task 'val'")
     p.add_argument("--seq-len", type=int, default=None, help="window for task 'val'; default: model max_seq_len")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
     p.add_argument("--output", default=None, help="JSON results file")
     p.add_argument("--markdown", default=None, help="markdown table file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     tasks = list(METRICS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        model, tok, resolved = load_for_eval(args.checkpoint, args.device, dtype)
+        model, tok, resolved = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
         results = evaluate(
             model,
             tok,

@@ -25,9 +25,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from mor_pretrain.evaluate import encode_pair, load_for_eval, score_requests
+from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import SamplingConfig, generate, trim_stop
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @register_model("mor")
