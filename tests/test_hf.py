@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -112,6 +113,7 @@ def test_folder_loads_without_the_project_package(tmp_path):
     torch.save(model(x, routing="causal").logits, tmp_path / "want.pt")
     script = f"""
 import sys
+from pathlib import Path
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "mor_pretrain":
@@ -184,3 +186,25 @@ def test_auto_tokenizer_of_exports_and_hf_folders_gives_our_ids(tmp_path, which,
         assert auto.bos_token_id == (None if ours.bos_id < 0 else ours.bos_id)
     gen = json.loads((folder / "generation_config.json").read_text())
     assert gen["eos_token_id"] == ours.eos_id
+
+
+def test_convert_cli_to_hf_and_upcycle_report_progress_and_carry_the_tokenizer(tmp_path, capsys, spm_model):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import convert_checkpoint
+    from conftest import tiny_args
+
+    from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+
+    vanilla = tiny_model(num_recursions=1, sharing="cycle", vocab_size=400).eval()
+    src = save_exported(tmp_path / "src", vanilla.args, vanilla.state_dict(), extra={"tokenizer": str(spm_model)})
+    (tmp_path / "target.toml").write_text(
+        dump_toml(JobConfig(model=tiny_args(router="expert", vocab_size=400), training=TrainingConfig(seq_len=16)))
+    )
+    up, hf = tmp_path / "up", tmp_path / "hf_cli"
+    assert convert_checkpoint.main(["upcycle", str(src), str(up), "--config", str(tmp_path / "target.toml")]) == 0
+    assert convert_checkpoint.main(["to-hf", str(up), str(hf)]) == 0
+    err = capsys.readouterr().err
+    assert "upcycling (stepwise)" in err and f"writing {hf}" in err
+    want = spm.SentencePieceProcessor(model_file=str(spm_model)).encode(TEXT)
+    assert transformers.AutoTokenizer.from_pretrained(str(hf))(TEXT)["input_ids"] == want
+    assert load_auto(hf).config.mor["router"] == "expert"

@@ -96,7 +96,16 @@ def test_cli_scores_a_task_like_tools_eval(folders, tmp_path):
     )
     cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval", "--model", "mor"]
     cmd += ["--model_args", f"pretrained={export},routing=causal", "--tasks", "piqa_local"]
-    cmd += ["--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--batch_size", "4"]
+    cmd += [
+        "--include_path",
+        str(tmp_path),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -125,15 +125,15 @@ def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="360m")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="360m", help="paper model size")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {list(KINDS)}")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="prompts served at once")
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights and compute dtype; default: bf16 on GPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
     p.add_argument(
         "--cache-slack",
         type=float,

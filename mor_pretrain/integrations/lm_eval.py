@@ -48,6 +48,10 @@ class MoRLM(LM):
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported; give a number")
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {dev!r} asked for (lm-eval's default is cuda), but CUDA is unavailable: pass --device cpu"
+            )
         self.model, self.tok, self.path = load_for_eval(pretrained, dev, DTYPES[dtype])
         self.routing, self.batch_size = routing, int(batch_size)
         self._device = torch.device(dev)
