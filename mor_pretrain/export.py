@@ -30,13 +30,16 @@ BPE_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_
 
 
 def tokenizer_file(spec: str, base: str | Path | None = None) -> Path:
-    """The file a tokenizer spec names: "default" (the packaged SentencePiece model), or a path, relative to
-    `base` (e.g. the export folder that holds it) when given and not absolute."""
+    """The file a tokenizer spec names: "default" (the packaged SentencePiece model), or a path. A relative
+    path is looked up in `base` (e.g. the export folder that holds it), then in the working directory (the
+    training config's view, as exports written before tokenizers were copied recorded it)."""
     from mor_pretrain.data.tokenizer import default_tokenizer_path
 
     if spec == "default":
         return default_tokenizer_path()
-    path = Path(spec) if base is None or Path(spec).is_absolute() else Path(base) / spec
+    path = Path(spec)
+    if base is not None and not path.is_absolute() and (Path(base) / spec).is_file():
+        path = Path(base) / spec
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     return path

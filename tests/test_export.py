@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -28,3 +30,19 @@ def test_truncated_or_mismatched_export_is_refused(tmp_path):
     save_exported(tmp_path / "m", model.args, other.state_dict())
     with pytest.raises(ValueError, match="does not match"):
         load_exported(tmp_path / "m")
+
+
+def test_tokenizer_specs_resolve_in_the_export_then_the_working_directory(tmp_path, monkeypatch):
+    from mor_pretrain.data.tokenizer import default_tokenizer_path
+    from mor_pretrain.export import tokenizer_file
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "m.model").write_bytes(default_tokenizer_path().read_bytes())
+    monkeypatch.chdir(tmp_path)
+    # An export written before tokenizers were copied recorded the training config's relative path.
+    assert tokenizer_file("tok/m.model", tmp_path / "e") == Path("tok/m.model")
+    (tmp_path / "e" / "tokenizer.model").write_bytes(b"x")
+    assert tokenizer_file("tokenizer.model", tmp_path / "e") == tmp_path / "e" / "tokenizer.model"
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        tokenizer_file("nope.model", tmp_path / "e")
