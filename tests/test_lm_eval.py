@@ -73,7 +73,7 @@ def test_scores_equal_lm_eval_hf_model_on_the_to_hf_folder(folders, tmp_path):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     text = instances("loglikelihood_rolling", [("the router picks a depth for every token " * 12,)])
     assert ours.loglikelihood_rolling(text, True)[0] == pytest.approx(
-        theirs.loglikelihood_rolling(text, True)[0], abs=1e-3
+        theirs.loglikelihood_rolling(text, True)[0], abs=1e-4
     )
     gen = instances("generate_until", [("Keys and values", {"until": ["\n\n"], "max_gen_toks": 6})])
     assert ours.generate_until(gen, True)[0].strip() == theirs.generate_until(gen, True)[0].strip()
