@@ -99,16 +99,16 @@ class BPETokenizer:
 
 
 def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
-    """A `tokenizer.json` (relative to `base`, e.g. an export folder, when not absolute) or a SentencePiece
-    spec understood by mor_pretrain.data.tokenizer.load_tokenizer ("default" or a .model path)."""
-    if spec.endswith(".json"):
-        path = Path(spec) if base is None or Path(spec).is_absolute() else Path(base) / spec
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return BPETokenizer(path)
+    """A `tokenizer.json` or a SentencePiece spec ("default" or a .model path); a relative path is taken
+    relative to `base` (e.g. the export folder that holds it) when given."""
     from mor_pretrain.data.tokenizer import load_tokenizer
+    from mor_pretrain.export import tokenizer_file, tokenizer_specials
 
-    return load_tokenizer(spec)
+    path = tokenizer_file(spec, base)
+    if spec.endswith(".json"):
+        found = tokenizer_specials(path)  # the bos/eos its tokenizer_config.json records
+        return BPETokenizer(path, bos=found.get("bos_token", ""), eos=found.get("eos_token", ""))
+    return load_tokenizer(str(path))
 
 
 def load_for_eval(

@@ -218,7 +218,7 @@ def load_plan(plan_dir: str | Path) -> list[RunPlan]:
     """Read plan.json back into RunPlan objects."""
     path = Path(plan_dir) / PLAN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: write a plan with `tools/isoflop.py plan ... --write {plan_dir}`")
+        raise FileNotFoundError(f"{path} not found: write a plan with `tools/isoflop.py plan ... --out {plan_dir}`")
     names = {f.name for f in dataclasses.fields(RunPlan)}
     return [RunPlan(**{k: v for k, v in e.items() if k in names}) for e in json.loads(path.read_text())["runs"]]
 

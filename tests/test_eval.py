@@ -234,12 +234,12 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
 
     model = model_for(tok, num_recursions=1, sharing="cycle")
     export = tmp_path / "export"
-    save_exported(export, model.args, model.state_dict(), dtype=None, extra={"tokenizer": "tokenizer.json"})
-    (export / "tokenizer.json").write_bytes(Path(tok.path).read_bytes())
+    extra = {"tokenizer": tok.path}
+    save_exported(export, model.args, model.state_dict(), dtype=None, extra=extra)
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     out = tmp_path / "r.json"
     argv = [str(export), "--tasks", "val,piqa", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
-    assert eval_tool.main([*argv, "--seq-len", "32", "--output", str(out), "--no-progress"]) == 0
+    assert eval_tool.main([*argv, "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["checkpoint"] == str(export)
     assert [(r["task"], r["routing"], r["metric"]) for r in report["results"]] == [

@@ -158,7 +158,7 @@ def test_plan_cli_prints_and_writes(tmp_path, capsys):
         *batch,
         "--run-root",
         runs,
-        "--write",
+        "--out",
         plan_dir,
         "--checkpoint.keep_latest=3",
     )

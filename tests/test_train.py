@@ -103,7 +103,8 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
     cfg = load_config(run / "config.toml")
     assert cfg.model.vocab_size == 320 and cfg.training.steps == 30  # 320 pieces: already a multiple of 64
     model, meta = load_exported(run / "export")
-    assert meta["tokenizer"] == str(tok) and model.args.num_recursions == 3
+    assert (meta["tokenizer"], meta["tokenizer_source"]) == ("tokenizer.model", str(tok))  # copied beside the weights
+    assert model.args.num_recursions == 3
 
 
 def test_train_py_rejects_an_unknown_override(tmp_path):

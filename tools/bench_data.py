@@ -14,12 +14,12 @@ from mor_pretrain.data import build_dataloader
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", choices=["jsonl", "text", "parquet", "tokens"])
+    parser.add_argument("format", choices=["jsonl", "text", "parquet", "tokens"], help="source format")
     parser.add_argument("source", help="file, glob or folder")
-    parser.add_argument("workers", type=int)
+    parser.add_argument("workers", type=int, help="DataLoader worker processes")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured after the first batch")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    parser.add_argument("--batch", type=int, default=8, help="windows per batch")
     args = parser.parse_args()
     cfg = DataConfig(sources=[args.source], val_sources=[args.source], format=args.format, num_workers=args.workers)
     loader = build_dataloader(

@@ -1,6 +1,6 @@
 """Generation throughput of vanilla vs MoR (expert choice, Nr = 2, 3, 4) with depth-wise batching.
 
-python tools/bench_generate.py --shape 360m --batch 32 --max-batch [--device cuda --dtype bfloat16]
+python tools/bench_generate.py --shape 360m --batch 32 --max-batch [--device cuda --dtype bf16]
 python tools/bench_generate.py --shape small --batch 32 --new-tokens 32   # CPU ratio at small scale
 
 Random weights. Every model is served by the same engine (mor_pretrain.serving.DepthBatchEngine; for
@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import SamplingConfig
 from mor_pretrain.models import ModelArgs, MoRModel
 from mor_pretrain.serving import DepthBatchEngine
@@ -128,9 +129,9 @@ def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="360m")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="360m", help="paper model size")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {list(KINDS)}")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="prompts served at once")
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
     p.add_argument(
         "--max-batch-limit",
@@ -139,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         help="stop doubling past this batch (0 = until out of memory): admissions prefill one request at a "
         "time, so a measurement at batch B costs about 3 B prefills",
     )
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights and compute dtype; default: bf16 on GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
     p.add_argument(
         "--cache-slack",
         type=float,
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch and not args.device.startswith("cuda"):
         print("error: --max-batch needs a GPU (a CPU out-of-memory kills the process)", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     torch.manual_seed(args.seed)
     rows = [bench_kind(args, kind, dtype) for kind in kinds]
     base = {key: rows[0].get(key) for key in ("at_batch", "at_max_batch")} if kinds[0] == "vanilla" else {}
