@@ -199,11 +199,13 @@ def forward_backward(
         # Combine plain tensors only: a DTensor gradient must not flow into the plain aux-loss graph.
         lm = plain(out.lm_loss)
         loss = lm * (tok_share * par.dp_world)
-        for a in out.aux_losses.values():
+        for a in [*out.aux_losses.values(), *out.side_losses.values()]:
             loss = loss + a * (seq_share * par.dp_world)
         with backward_context(par.tp):
             loss.backward()
-        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, out.stats, seq_share)
+        # Side losses (the auxiliary router's BCE) are logged as routing stats, outside train/loss.
+        stats = {**out.stats, **{k: v.detach() for k, v in out.side_losses.items()}}
+        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, stats, seq_share)
     return out_sums
 
 
@@ -401,6 +403,8 @@ def train(cfg: JobConfig) -> TrainState:
         state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
+        if losses.tc_load is not None:  # token choice: count the depths this step routed (one host sync)
+            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.tc_load.tolist())
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
