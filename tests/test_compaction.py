@@ -3,10 +3,11 @@ masked recursion of tests/masked_reference.py, and runs only the rows it routes.
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_args, tiny_model
 from masked_reference import masked_forward
 from torch.utils.flop_counter import FlopCounterMode
 
+from mor_pretrain.models import MoRModel
 from mor_pretrain.models.mor import bucket_size
 
 TOKEN = {
@@ -103,3 +104,123 @@ def test_linear_flops_follow_the_routed_rows(router, routing):
     busiest = [b * int((depth > r).sum(1).max()) for r in range(a.num_recursions)]
     assert sum(active) <= sum(busiest) <= sum(rows) < sum(busiest) + (a.num_recursions - 1) * b * -(-t // 16)
     assert sum(rows) < a.num_recursions * b * t  # fewer rows than the recursive model runs
+
+
+FSDP_CASES = {
+    "token_sigmoid": (dict(router="token"), "topk"),
+    "token_softmax_share": (dict(router="token", router_activation="softmax", kv_mode="share"), "topk"),
+    "causal_expert": (dict(router="expert", aux_router=True), "causal"),
+    "causal_expert_share": (dict(router="expert", kv_mode="share"), "causal"),
+}
+FSDP_BATCH, FSDP_SEQ = 4, 32
+
+
+def _fsdp_cfg(kw):
+    from mor_pretrain.config import JobConfig, TrainingConfig
+
+    return JobConfig(
+        model=tiny_args(vocab_size=96, **kw),
+        training=TrainingConfig(global_batch_size=FSDP_BATCH, micro_batch_size=2, seq_len=FSDP_SEQ, dtype="float32"),
+    )
+
+
+def _fsdp_data():
+    tokens = torch.randint(0, 96, (FSDP_BATCH, FSDP_SEQ), generator=torch.Generator().manual_seed(3))
+    return tokens, torch.roll(tokens, -1, 1)
+
+
+def _fsdp_worker():
+    """Each of 2 ranks runs its half of the batch through the FSDP2-sharded compacted model."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from mor_pretrain.parallel import build_mesh
+    from mor_pretrain.trainer import build_model
+
+    rank = dist.get_rank()
+    tokens, labels = (x[2 * rank : 2 * rank + 2] for x in _fsdp_data())
+    out = {}
+    for name, (kw, routing) in FSDP_CASES.items():
+        cfg = _fsdp_cfg(kw)
+        model = build_model(cfg, build_mesh(cfg.parallelism, "cpu"), torch.device("cpu"))
+        res = model(tokens, labels, routing=routing)
+        res.loss.backward()
+        grads = {
+            n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()
+        }
+        out[name] = {"logits": res.logits.detach(), "loss": res.loss.item(), "depth": res.depth, "grads": grads}
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned ranks, four models: about 25 s
+def test_fsdp_two_ranks_equal_masked_path(tmp_path):
+    """Under FSDP2 on 2 ranks (each with its own compacted lengths) the outputs and losses equal the
+    masked path on that rank's sequences, and the averaged gradients equal the masked path's."""
+    from test_parallel import spawn
+
+    results = spawn(2, tmp_path, _fsdp_worker)
+    tokens, labels = _fsdp_data()
+    for name, (kw, routing) in FSDP_CASES.items():
+        cfg = _fsdp_cfg(kw)
+        torch.manual_seed(cfg.training.seed)
+        model = MoRModel(cfg.model)
+        model.init_weights()
+        grads = []
+        for rank in range(2):
+            sl = slice(2 * rank, 2 * rank + 2)
+            logits, loss, _, depth = masked_forward(model, tokens[sl], labels[sl], routing)
+            got = results[rank][name]
+            assert torch.equal(got["depth"], depth), name
+            torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5, msg=name)
+            assert got["loss"] == pytest.approx(loss.item(), abs=1e-6), name
+            grads.append(
+                dict(
+                    zip(
+                        [n for n, _ in model.named_parameters()],
+                        torch.autograd.grad(loss, list(model.parameters()), allow_unused=True),
+                        strict=True,
+                    )
+                )
+            )
+        for n, _ in model.named_parameters():
+            if grads[0][n] is None:
+                continue
+            want = (grads[0][n] + grads[1][n]) / 2
+            for rank in range(2):
+                torch.testing.assert_close(
+                    results[rank][name]["grads"][n], want, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}"
+                )
+
+
+@pytest.mark.parametrize("router,routing", [("token", "topk"), ("expert", "causal")])
+def test_compiled_blocks_see_at_most_one_graph_per_bucket(router, routing):
+    """Regionally compiled blocks (as parallel.apply_compile does) over 50 random batches: the graphs
+    compiled never outnumber the distinct compacted lengths (buckets) the blocks were called with."""
+    torch._dynamo.reset()
+    model = tiny_model(router=router, causal_threshold=0.5)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    lengths = set()
+    apply_once = model.stack.apply_once
+
+    def recording(x, *args):
+        lengths.add(x.shape[1])
+        return apply_once(x, *args)
+
+    model.stack.apply_once = recording
+    for blk in [model.first, *model.stack.layers, model.last]:
+        blk.compile(backend=count, fullgraph=True)
+    t = 64
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(50):
+            model(torch.randint(0, 97, (4, t), generator=g), routing=routing)
+    torch._dynamo.reset()
+    assert len(lengths) > 3  # the batches really vary the compacted lengths
+    assert lengths <= {bucket_size(n, t) for n in range(t + 1)}
+    assert 0 < len(graphs) <= len(lengths)
