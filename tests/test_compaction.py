@@ -135,7 +135,7 @@ def _fsdp_worker():
     from torch.distributed.tensor import DTensor
 
     from mor_pretrain.parallel import build_mesh
-    from mor_pretrain.trainer import build_model
+    from mor_pretrain.trainer import Parallel, build_model, forward_backward
 
     rank = dist.get_rank()
     tokens, labels = (x[2 * rank : 2 * rank + 2] for x in _fsdp_data())
@@ -149,6 +149,14 @@ def _fsdp_worker():
             n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()
         }
         out[name] = {"logits": res.logits.detach(), "loss": res.loss.item(), "depth": res.depth, "grads": grads}
+    # The trainer trains the auxiliary router on its side loss but keeps that out of the compared losses.
+    cfg = _fsdp_cfg(dict(router="expert", aux_router=True))
+    mesh = build_mesh(cfg.parallelism, "cpu")
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    par = Parallel(torch.device("cpu"), mesh, rank, 2, 1)
+    losses = forward_backward(model, [{"input": tokens, "labels": labels}], par, FSDP_BATCH)
+    aux_grad = [p.grad.full_tensor().abs().sum().item() for p in model.stack.aux_routers.parameters()]
+    out["trainer"] = {"aux": sorted(losses.aux), "stats": sorted(losses.stats), "aux_router_grad": aux_grad}
     return out
 
 
@@ -160,6 +168,9 @@ def test_fsdp_two_ranks_equal_masked_path(tmp_path):
     from test_parallel import spawn
 
     results = spawn(2, tmp_path, _fsdp_worker)
+    trainer = results[0]["trainer"]
+    assert "aux_router_bce" not in trainer["aux"] and "aux_router_bce" in trainer["stats"]
+    assert all(g > 0 for g in trainer["aux_router_grad"])
     tokens, labels = _fsdp_data()
     for name, (kw, routing) in FSDP_CASES.items():
         cfg = _fsdp_cfg(kw)
