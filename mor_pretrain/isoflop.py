@@ -131,7 +131,7 @@ def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPl
     batch_tokens = t.global_batch_size * t.seq_len
     runs: list[RunPlan] = []
     for b in sorted(budgets, reverse=True):
-        steps = budget(fpt_paper, b, batch_tokens, paper_rounding=True).steps
+        steps = budget(fpt_paper, b, batch_tokens).steps
         if steps < 1:
             raise ValueError(f"{source}: budget {b:.3g} FLOPs buys no optimizer step at {batch_tokens} tokens/step")
         name = f"{cfg.name}_{budget_tag(b)}"

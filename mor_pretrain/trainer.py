@@ -222,11 +222,13 @@ def forward_backward(
         # Combine plain tensors only: a DTensor gradient must not flow into the plain aux-loss graph.
         lm = plain(out.lm_loss)
         loss = lm * (tok_share * par.dp_world)
-        for a in out.aux_losses.values():
+        for a in [*out.aux_losses.values(), *out.side_losses.values()]:
             loss = loss + a * (seq_share * par.dp_world)
         with backward_context(par.tp):
             loss.backward()
-        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, out.stats, seq_share)
+        # Side losses (the auxiliary router's BCE) are logged as routing stats, outside train/loss.
+        stats = {**out.stats, **{k: v.detach() for k, v in out.side_losses.items()}}
+        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, stats, seq_share)
     out_sums.rank_lm = out_sums.lm * scored / local.clamp(min=1)
     return out_sums
 
@@ -254,6 +256,8 @@ def train_step(
     """One optimizer step over this rank's micro-batches. Returns the losses, the pre-clip grad norm and
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
+    if losses.tc_load is not None:  # token choice: the global batch's load, for the bias and the FLOP count
+        dist.all_reduce(losses.tc_load)  # TP duplicates scale every count alike; both uses are scale-free
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
     if skipped:
@@ -272,8 +276,6 @@ def update_router_bias(model: MoRModel, load: torch.Tensor | None) -> None:
     ranks (the sign rule is scale-free, so TP duplicates in the sum do not matter)."""
     if load is None or model.args.balancing != "loss_free":
         return
-    load = load.clone()
-    dist.all_reduce(load)
     model.update_router_bias(load)
 
 
@@ -462,6 +464,8 @@ def train(cfg: JobConfig) -> TrainState:
         state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
+        if losses.tc_load is not None:  # token choice: the depths this step routed, all ranks (one host sync)
+            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.tc_load.tolist())
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:

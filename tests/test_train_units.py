@@ -167,7 +167,8 @@ def _grads_and_aux(model, tokens, labels):
     out = model(tokens, labels, return_logits=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, grads, out.depth
+    losses = {**out.aux_losses, **out.side_losses}
+    return out.loss.detach(), {k: v.detach() for k, v in losses.items()}, grads, out.depth
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -68,9 +68,9 @@ def trace_routing(model: MoRModel, tok: Tokenizer, text: str, routing: str) -> T
         scores = [probs[:, d].cpu().numpy() for d in range(nr)]
     else:
         scores = [torch.sigmoid(c[0].float()).flatten().cpu().numpy() for c in captured]
-        if routing == "causal":  # every position is scored; keep the candidates (tokens that ran step r-1)
-            depth = out.depth[0].cpu().numpy()
-            scores = [s if r == 0 else s[depth >= r] for r, s in enumerate(scores)]
+        # Every position is scored; keep the candidates (the tokens that ran step r-1).
+        depth = out.depth[0].cpu().numpy()
+        scores = [s if r == 0 else s[depth >= r] for r, s in enumerate(scores)]
     # Decode growing prefixes: a token decoded alone loses its leading space under SentencePiece.
     texts = [tok.decode(ids[:n]) for n in range(len(ids) + 1)]
     pieces = [
