@@ -367,7 +367,10 @@ def train(cfg: JobConfig) -> TrainState:
     train_loader = build_dataloader(cfg.data, split="train", dp_world=dp_world, seed=t.seed, **loader_kw)
     val_loader = None
     if t.val_interval:
-        val_loader = build_dataloader(cfg.data, split="val", dp_world=dp_world, seed=t.seed, **loader_kw)
+        val_windows = t.val_batches * t.global_batch_size  # a fixed set, the same for every layout
+        val_loader = build_dataloader(
+            cfg.data, split="val", dp_world=dp_world, seed=t.seed, val_windows=val_windows, **loader_kw
+        )
     state = TrainState()
     checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir / cfg.checkpoint.folder, config_toml=dump_toml(cfg))
     ck_states = {
@@ -411,7 +414,7 @@ def train(cfg: JobConfig) -> TrainState:
             metrics.log(state.step, values, state.step - first_step)
             window = LogWindow()
         if val_loader is not None and (state.step % t.val_interval == 0 or state.step == t.steps):
-            metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
+            metrics.log(state.step, validate(model, val_loader, len(val_loader), par), state.step - first_step)
         checkpointer.poll()
         stopped = preemption.should_stop()
         if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):
