@@ -184,6 +184,35 @@ def test_parquet_parts(tmp_path):
     assert [t for p in range(4) for t in iter_texts(source, p, 4, Skips())] == docs
 
 
+def test_parquet_lanes_keep_no_reader_open(tmp_path, monkeypatch):
+    """pyarrow holds a decompressed column chunk per open reader: lanes must not each keep one (64 lanes of
+    100 MB row groups would be 6 GB), so at most one reader is alive at a time, whatever the row groups."""
+    import weakref
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = make_docs(200, seed=4)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "one.parquet")  # a single row group
+    train_bpe(docs, tmp_path / "tok", 400, byte_fallback=True, pad_id=3)
+    alive, most = [0], [0]
+
+    class Counted(pq.ParquetFile):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(self, lambda: alive.__setitem__(0, alive[0] - 1))
+
+    class Module:
+        ParquetFile = Counted
+
+    monkeypatch.setattr("mor_pretrain.data.sources._import_parquet", lambda: Module)
+    cfg = DataConfig(sources=[str(tmp_path / "one.parquet")], tokenizer=str(tmp_path / "tok.model"), lanes=4)
+    batches = take(loader(cfg), 20)
+    assert len(windows(batches)) == 80
+    assert most[0] == 1, f"{most[0]} parquet readers open at once"
+
+
 # --- packing and sharding ----------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from mor_pretrain.data import build_dataloader, load_tokenizer
 from mor_pretrain.data.sources import PARQUET_BATCH_ROWS, PARQUET_BUFFER_BYTES, TOKENS_FORMAT, offsets_path
 
 ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ["jsonl", "parquet-1000", "parquet-1rg", "tokens"]
 PARQUET_SHARDS = 20  # jsonl shards per parquet file
 
 
@@ -89,7 +91,7 @@ def write_corpus(out: Path, total_bytes: int, shard_bytes: int) -> dict[str, Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dirs = {name: out / name for name in ("jsonl", "parquet-1000", "parquet-1rg", "tokens")}
+    dirs = {name: out / name for name in FORMATS}
     for d in dirs.values():
         d.mkdir(parents=True)
     shard: list[str] = []
@@ -162,11 +164,14 @@ def measure(cfg: DataConfig, seq_len: int, batch: int, seconds: float, state: di
     batches = iter(dl)
     next(batches)
     first = time.perf_counter() - start
+    for _ in range(2 * cfg.lanes // batch):  # until every lane has started reading (steady state)
+        next(batches)
+    warm = time.perf_counter() - start
     start, tokens = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         tokens += next(batches)["input"].numel()
     rate = tokens / (time.perf_counter() - start)
-    return {"first_s": first, "tokens_s": rate, "rss_mb": peak_rss()}
+    return {"first_s": first, "warm_s": warm, "tokens_s": rate, "rss_mb": peak_rss()}
 
 
 def peak_rss() -> float:
@@ -195,9 +200,14 @@ def in_fresh_process(fn: Any, *args: Any) -> Any:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    while proc.is_alive() or not queue.empty():
+        try:
+            result = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        proc.join()
+        return result
+    raise RuntimeError(f"{fn.__name__} failed in its process (exit code {proc.exitcode}); see above")
 
 
 def val_startup(cfg: DataConfig, seq_len: int, batch: int, windows: int) -> dict[str, float]:
@@ -243,9 +253,9 @@ def scale(args: argparse.Namespace) -> None:
         print(
             f"baseline RSS of a measuring process (torch imported, no loader): {in_fresh_process(peak_rss):,.0f} MB\n"
         )
-        print("| format | resume after | first batch (s) | steady tokens/s | peak RSS (MB) |")
-        print("|---|---|---|---|---|")
-        for name in dirs:
+        print("| format | resume after | first batch (s) | every lane started (s) | steady tokens/s | peak RSS (MB) |")
+        print("|---|---|---|---|---|---|")
+        for name in args.formats:
             fmt = "tokens" if name == "tokens" else name.split("-")[0]
             cfg = DataConfig(sources=[str(dirs[name])], val_sources=[str(dirs[name])], format=fmt)
             small_cfg = DataConfig(sources=[str(small[name])], val_sources=[str(small[name])], format=fmt)
@@ -259,7 +269,9 @@ def scale(args: argparse.Namespace) -> None:
             for label, state, c in cases:
                 r = in_fresh_process(measure, c, seq, batch, args.seconds, state)
                 print(
-                    f"| {name} | {label} | {r['first_s']:.2f} | {r['tokens_s']:,.0f} | {r['rss_mb']:,.0f} |", flush=True
+                    f"| {name} | {label} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {r['tokens_s']:,.0f} "
+                    f"| {r['rss_mb']:,.0f} |",
+                    flush=True,
                 )
         print("\n| validation split | val_windows | loader built (s) | one pass (s) | batches |")
         print("|---|---|---|---|---|")
@@ -302,6 +314,7 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=0.25, help="text in the synthetic corpus")
     p.add_argument("--shard-mb", type=float, default=2.5, help="text per shard")
     p.add_argument("--small-mb", type=float, default=4.0, help="the slice used for the later-epoch resume")
+    p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     p.add_argument("--progress", type=int, nargs="+", default=[400, 1600, 6400], help="batches before a resume")
     p.add_argument("--late-batches", type=int, default=2000, help="batches before the later-epoch resume")
     p.add_argument("--seconds", type=float, default=3.0, help="steady throughput measured for this long")

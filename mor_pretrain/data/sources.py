@@ -8,7 +8,8 @@ touches only its own bytes, plus the line that straddles its start.
 Every document comes with its position (file index, unit): the byte where it starts (text, jsonl), its row
 (parquet) or its index (pre-tokenized). Reading can start again at any such position without touching what
 lies before it, which is what makes a resume cost the same early and late in training. Parquet is read in
-batches of PARQUET_BATCH_ROWS rows through a PARQUET_BUFFER_BYTES read buffer, never a whole row group.
+batches of PARQUET_BATCH_ROWS rows, each by a reader opened for it and closed after (pyarrow decompresses a
+whole column chunk per open reader), so a process holds at most one row group's column chunk at a time.
 
 Bad records (undecodable bytes, a jsonl line that is not JSON or lacks the text field, an empty document) are
 skipped, counted and logged with their location; empty files are skipped and logged when the source opens.
@@ -40,7 +41,7 @@ SUFFIX_FORMATS = {
 }
 TOKENS_INDEX = "index.json"
 PARQUET_BATCH_ROWS = 64  # rows decoded at a time per lane
-PARQUET_BUFFER_BYTES = 1 << 20  # read buffer per open parquet file (pages are read through it, not whole chunks)
+PARQUET_BUFFER_BYTES = 1 << 20  # read buffer of a parquet reader (pyarrow still decompresses whole column chunks)
 TOKENS_FORMAT = "mor-pretrain-tokens/1"
 
 
@@ -295,29 +296,39 @@ def _parquet_rows(path: Path) -> int:
 
 
 def _parquet_texts(name: str, lo: int, hi: int, column: str, skips: Skips) -> Iterator[tuple[int, str]]:
-    """Rows [lo, hi) of one file, decoded PARQUET_BATCH_ROWS at a time from the row group holding `lo` on."""
-    pf = _import_parquet().ParquetFile(name, buffer_size=PARQUET_BUFFER_BYTES)
-    if column not in pf.schema_arrow.names:
-        raise DataError(f"{name}: no column {column!r} (data.text_field); columns: {pf.schema_arrow.names}")
-    first, row = 0, 0
-    while row + pf.metadata.row_group(first).num_rows <= lo:
-        row += pf.metadata.row_group(first).num_rows
-        first += 1
-    groups = range(first, pf.num_row_groups)
-    batches = pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=groups, columns=[column], use_threads=False)
+    """Rows [lo, hi) of one file, PARQUET_BATCH_ROWS at a time. Between reads no reader stays open: pyarrow
+    holds a whole decompressed column chunk per open reader, which across 64 lanes would be 64 row groups."""
+    row = lo
+    while row < hi:
+        values = _parquet_read(name, column, row, min(hi, row + PARQUET_BATCH_ROWS))
+        for i, text in enumerate(values, start=row):
+            if not isinstance(text, str) or not text.strip():
+                skips.add(f"no text in column {column!r}", f"{name} row {i}")
+            else:
+                yield i, text
+        row += len(values)
+
+
+def _parquet_read(name: str, column: str, lo: int, hi: int) -> list[object]:
+    """Rows [lo, hi) of one column: decoded in batches from the start of the row group holding `lo`."""
+    pf = _import_parquet().ParquetFile(name, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
     try:
-        for batch in batches:
+        if column not in pf.schema_arrow.names:
+            raise DataError(f"{name}: no column {column!r} (data.text_field); columns: {pf.schema_arrow.names}")
+        group, row = 0, 0
+        while row + pf.metadata.row_group(group).num_rows <= lo:
+            row += pf.metadata.row_group(group).num_rows
+            group += 1
+        values: list[object] = []
+        groups = range(group, pf.num_row_groups)
+        for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=groups, columns=[column], use_threads=False):
             n = batch.num_rows
             if row + n > lo:
-                values = batch.column(0).slice(max(lo - row, 0), min(hi, row + n) - max(lo, row)).to_pylist()
-                for i, text in enumerate(values, start=max(lo, row)):
-                    if not isinstance(text, str) or not text.strip():
-                        skips.add(f"no text in column {column!r}", f"{name} row {i}")
-                    else:
-                        yield i, text
+                values += batch.column(0).slice(max(lo - row, 0), min(hi, row + n) - max(lo, row)).to_pylist()
             row += n
             if row >= hi:
-                return
+                break
+        return values
     finally:
         pf.close()
 
