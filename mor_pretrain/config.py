@@ -40,7 +40,7 @@ class TrainingConfig:
     nonfinite: Literal["skip", "stop"] = "stop"  # NaN/inf grad norm: skip the update (one host sync per
     # step) or stop at the next log step (no extra sync)
     val_interval: int = 0  # steps between validation passes; 0 = never
-    val_batches: int = 8  # micro-batches per validation pass (the val split may run out sooner)
+    val_batches: int = 8  # validation set: the first val_batches x global_batch_size windows of the val split
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):

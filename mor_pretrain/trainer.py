@@ -427,7 +427,10 @@ def train(cfg: JobConfig) -> TrainState:
     train_loader = build_dataloader(cfg.data, split="train", dp_world=dp_world, seed=t.seed, **loader_kw)
     val_loader = None
     if t.val_interval:
-        val_loader = build_dataloader(cfg.data, split="val", dp_world=dp_world, seed=t.seed, **loader_kw)
+        val_windows = t.val_batches * t.global_batch_size  # a fixed set, the same for every layout
+        val_loader = build_dataloader(
+            cfg.data, split="val", dp_world=dp_world, seed=t.seed, val_windows=val_windows, **loader_kw
+        )
     state = TrainState()
     checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir / cfg.checkpoint.folder, config_toml=dump_toml(cfg))
     ck_states = {
@@ -477,7 +480,7 @@ def train(cfg: JobConfig) -> TrainState:
             window = LogWindow()
         if val_loader is not None and (state.step % t.val_interval == 0 or state.step == t.steps):
             start = time.perf_counter()
-            val = validate(model, val_loader, t.val_batches, par)
+            val = validate(model, val_loader, len(val_loader), par)
             val["perf/val_time_s"] = time.perf_counter() - start
             window.start += val["perf/val_time_s"]  # training throughput leaves validation out
             metrics.log(state.step, val, state.step - first_step)

@@ -285,9 +285,11 @@ class GlobalBatchLoader:
     """A stand-in for build_dataloader: rank r of W takes the r-th contiguous share of each fixed global
     batch, in micro-batches, so every layout trains (and validates) on the same global batches."""
 
-    def __init__(self, split: str, dp_rank: int, dp_world: int, micro: int, global_batch: int, delay: float = 0.0):
+    def __init__(
+        self, split: str, dp_rank: int, dp_world: int, micro: int, global_batch: int, steps: int, delay: float = 0.0
+    ):
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        self.tokens = torch.randint(0, 96, (8, global_batch, SEQ + 1), generator=g)
+        self.tokens = torch.randint(0, 96, (steps, global_batch, SEQ + 1), generator=g)
         self.labels = self.tokens[..., 1:].clone()
         for b in range(global_batch):
             self.labels[:, b, : 3 * b] = IGNORE  # unequal scored tokens per sequence
@@ -303,6 +305,9 @@ class GlobalBatchLoader:
                     "input": self.tokens[step, i : i + self.micro, :-1],
                     "labels": self.labels[step, i : i + self.micro],
                 }
+
+    def __len__(self) -> int:
+        return len(self.tokens) * len(range(self.rows.start, self.rows.stop, self.micro))
 
     def state_dict(self) -> dict:
         return {}
@@ -346,12 +351,13 @@ def _train_layouts(out: Path, micro: int, par: dict) -> None:
         cfg = make_cfg(variant, micro=micro, **par)
         cfg.name, cfg.run_root = variant, str(out)
         cfg.training.steps, cfg.training.val_interval, cfg.training.device = 2, 1, "cpu"
-        cfg.training.val_batches = 4 // (micro * (world // par.get("tp", 1)))  # the same 4 val sequences
+        cfg.training.val_batches = 1  # one global batch: the same 4 val sequences on every layout
         cfg.metrics.log_interval = 1
 
-        def loader(data, split, dp_world, seed, seq_len, micro_batch_size, dp_rank):
+        def loader(data, split, dp_world, seed, seq_len, micro_batch_size, dp_rank, val_windows=0):
             delay = LOADER_DELAY_S if split == "train" else 0.0
-            return GlobalBatchLoader(split, dp_rank, dp_world, micro_batch_size, GLOBAL_BATCH, delay)
+            steps = 8 if split == "train" else val_windows // GLOBAL_BATCH
+            return GlobalBatchLoader(split, dp_rank, dp_world, micro_batch_size, GLOBAL_BATCH, steps, delay)
 
         trainer.build_dataloader = loader
         trainer.train(cfg)
