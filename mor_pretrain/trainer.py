@@ -305,7 +305,8 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
             with forward_context(par.tp):
                 out = model(inp, labels, routing=mode, return_logits=False)
             assert out.lm_loss is not None
-            totals[i] += plain(out.lm_loss).float() * scored
+            # A fully masked padding window (a short val split) has a 0/0 mean: it adds nothing.
+            totals[i] += torch.where(scored > 0, plain(out.lm_loss).float() * scored, 0.0)
         count += scored
     losses = (par.dp_sum(totals) / par.dp_sum(count).clamp(min=1)).tolist()
     by_mode = dict(zip(modes, losses, strict=True))

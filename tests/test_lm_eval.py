@@ -112,7 +112,7 @@ def test_cli_scores_a_task_like_tools_eval(folders, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     _, tok, _ = load_for_eval(export)
-    want = score_docs(model, tok, docs, "causal", progress=False)["acc"][0]
+    want = score_docs(model, tok, docs, "causal", progress=False)["acc"].value
     assert result["results"]["piqa_local"]["acc,none"] == pytest.approx(want)
 
 

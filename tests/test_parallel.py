@@ -447,7 +447,7 @@ def _validate_both_modes() -> dict[str, dict[str, float]]:
         dp_rank, dp_world = dp_coordinates(mesh)
         par = Parallel(torch.device("cpu"), mesh, dp_rank, dp_world, 1)
         model = build_model(cfg, mesh, par.device)
-        out[variant] = validate(model, GlobalBatchLoader("val", dp_rank, dp_world, 1, GLOBAL_BATCH), 2, par)
+        out[variant] = validate(model, GlobalBatchLoader("val", dp_rank, dp_world, 1, GLOBAL_BATCH, steps=8), 2, par)
     return out
 
 
