@@ -12,7 +12,11 @@ import os
 import sys
 from typing import NoReturn
 
+import torch.distributed as dist
+
+from mor_pretrain.checkpoint import CheckpointError
 from mor_pretrain.config import ConfigError, JobConfig, load_config
+from mor_pretrain.data import DataError
 from mor_pretrain.trainer import train
 
 
@@ -20,16 +24,14 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     """Check a config without devices or data: the mesh for `world_size`, the model built on meta, FLOPs."""
     import torch
 
-    from mor_pretrain.data.tokenizer import resolve_vocab_size
     from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
     from mor_pretrain.models import MoRModel
     from mor_pretrain.parallel import mesh_shape
-    from mor_pretrain.trainer import grad_accumulation
+    from mor_pretrain.trainer import grad_accumulation, size_vocabulary
 
     rep, shard, tp = mesh_shape(cfg.parallelism, world_size)
     accum = grad_accumulation(cfg, rep * shard)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = resolve_vocab_size(cfg.data)
+    size_vocabulary(cfg)
     with torch.device("meta"):
         model = MoRModel(cfg.model)
     t = cfg.training
@@ -42,6 +44,43 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     )
 
 
+# Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors here.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CheckpointError,  # a damaged, hostile or refused checkpoint, a run folder held by another launch
+    DataError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    FloatingPointError,  # a non-finite loss or grad norm under training.nonfinite = "stop"
+)
+
+
+def user_message(e: Exception) -> str:
+    """The one-line message of a user error. A DataLoader worker's error reaches the trainer re-raised with
+    the worker's traceback in its message; the original `module.Error: message` is its last line."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def first_to_fail() -> bool:
+    """Whether this process reports the job's error, so a job prints it once rather than once per rank.
+
+    Before the process group exists every rank fails the same way, so rank 0 reports. After, the first rank
+    to fail claims the report in the launcher's store: the others are either failing the same way or failing
+    because that rank left (a collective with a closed peer), and stay quiet.
+    """
+    if not dist.is_initialized():
+        return int(os.environ.get("RANK", "0")) == 0
+    try:
+        return bool(dist.distributed_c10d._get_default_store().add("mor_pretrain/error_reports", 1) == 1)
+    except Exception:  # the store went away with the launcher: better twice than never
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="TOML job config")
@@ -51,22 +90,28 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    if args.dry_run is not None:
-        try:
-            dry_run(cfg, args.dry_run)
-        except (ConfigError, ValueError) as e:
-            sys.exit(f"error: {args.config}: {e}")
-        return
-    train(cfg)
+        if args.dry_run is not None:
+            try:
+                dry_run(cfg, args.dry_run)
+            except ValueError as e:  # mesh and batch arithmetic that the config alone cannot check
+                raise ConfigError(f"{args.config}: {e}") from None
+            return
+        train(cfg)
+    except USER_ERRORS as e:
+        if first_to_fail():
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        leave(1)
+    except Exception:
+        if first_to_fail():
+            raise
+        leave(1)
     leave(0)
 
 
 def leave(code: int) -> NoReturn:
-    """Exit without interpreter teardown. train() has left its process group, but the gloo backend's
-    threads outlive it, and the C++ static destructors of a normal exit race them and can abort the
-    process ("terminate called without an active exception") after a run that succeeded."""
+    """Exit without interpreter teardown. The gloo backend's threads outlive the process group, and the C++
+    static destructors of a normal exit race them and can abort the process ("terminate called without an
+    active exception"), even after a run that succeeded."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,6 +7,7 @@ types and inconsistent values are refused with a message naming the key and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -39,12 +40,14 @@ class TrainingConfig:
     nonfinite: Literal["skip", "stop"] = "stop"  # NaN/inf grad norm: skip the update (one host sync per
     # step) or stop at the next log step (no extra sync)
     val_interval: int = 0  # steps between validation passes; 0 = never
-    val_batches: int = 8  # micro-batches per validation pass (the val split may run out sooner)
+    val_batches: int = 8  # validation set: the first val_batches x global_batch_size windows of the val split
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:  # numpy's seed sequences (data order) take non-negative integers only
+            raise ConfigError(f"training.seed must be >= 0, got {self.seed}")
         if self.val_interval < 0 or self.val_batches < 1:
             raise ConfigError(
                 f"training.val_interval must be >= 0 and training.val_batches >= 1, "
@@ -66,8 +69,10 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0  # lr at the end of decay, as a fraction of peak
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optimizer.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two values in [0, 1), got {self.betas}")
         for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
@@ -97,8 +102,8 @@ class DataConfig:
             raise ConfigError("data.sources must name at least one file, glob or directory")
         if self.weights and len(self.weights) != len(self.sources):
             raise ConfigError(f"data.weights has {len(self.weights)} entries but data.sources has {len(self.sources)}")
-        if any(w <= 0 for w in self.weights):
-            raise ConfigError(f"data.weights must all be > 0, got {self.weights}")
+        if not all(math.isfinite(w) and w > 0 for w in self.weights):
+            raise ConfigError(f"data.weights must all be finite numbers > 0, got {self.weights}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         for name in ("vocab_multiple", "lanes", "shuffle_buffer"):
@@ -212,6 +217,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # TOML's inf and nan: no option means anything by them
+            raise ConfigError(f"{key} must be a finite number, got {value}")
         return float(value)
     if tp in (int, str, bool):
         if type(value) is not tp:
@@ -260,11 +267,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         source = str(path)
+        if Path(path).is_dir():
+            raise ConfigError(f"config file {path} is a directory; give the path of a TOML file")
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     for arg in overrides or []:

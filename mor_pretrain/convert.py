@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mor_pretrain.checkpoint import COMPLETE, check_dcp_metadata, mark_complete, verify_checkpoint
 from mor_pretrain.config import load_config
-from mor_pretrain.export import load_exported, save_exported
+from mor_pretrain.export import load_exported, save_exported, save_tokenizer
 from mor_pretrain.models import ModelArgs, MoRModel
 
 UPCYCLE_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
@@ -257,13 +257,16 @@ def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[s
     return hf, config
 
 
-def save_hf_llama(out: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Path:
+def save_hf_llama(
+    out: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, progress: bool = False
+) -> Path:
     """Write an HF Llama folder (model.safetensors + config.json) that LlamaForCausalLM.from_pretrained reads."""
     hf, config = to_hf_llama(args, state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Unrolled shared layers alias one tensor; safetensors needs separate storage for each name.
-    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in hf.items()}
+    items = tqdm(hf.items(), desc="convert", unit="tensor", disable=not progress)
+    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in items}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -361,8 +364,11 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], Any]:
-    """Dequantize a Llama-architecture GGUF to fp32. Returns (args, state_dict, tokenizers.Tokenizer)."""
+def load_gguf(
+    path: str | Path, progress: bool = True
+) -> tuple[ModelArgs, dict[str, torch.Tensor], Any, dict[str, str]]:
+    """Dequantize a Llama-architecture GGUF to fp32. Returns (args, state_dict, tokenizers.Tokenizer, its
+    special tokens and chat template as tokenizer_config.json keys)."""
     import gguf  # optional extra "convert"
 
     reader = gguf.GGUFReader(str(path))
@@ -406,7 +412,21 @@ def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelArgs, dict[
             state[f"stack.layers.{i}.{ours}.weight"] = w
     state["stack.depth_bias"] = torch.zeros(0)
     _check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"GGUF {path}")
-    return args, state, gguf_tokenizer(reader)
+    return args, state, gguf_tokenizer(reader), gguf_specials(reader)
+
+
+def gguf_specials(reader: Any) -> dict[str, str]:
+    """bos/eos/pad/unk token strings and the chat template a GGUF records (the model's own settings)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    out = {}
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk")):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id", -1)
+        if 0 <= i < len(tokens):
+            out[f"{name}_token"] = str(tokens[i])
+    template = _field(reader, "tokenizer.chat_template", "")
+    if template:
+        out["chat_template"] = str(template)
+    return out
 
 
 def gguf_tokenizer(reader: Any) -> Any:
@@ -431,12 +451,15 @@ def gguf_tokenizer(reader: Any) -> Any:
 
 
 def gguf_to_export(path: str | Path, out: str | Path, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
-    """Import a GGUF into an export folder; its tokenizer goes beside the weights as tokenizer.json."""
-    args, state, tok = load_gguf(path, progress)
+    """Import a GGUF into an export folder; its tokenizer goes beside the weights as tokenizer.json, with the
+    GGUF's special tokens and chat template in tokenizer_config.json."""
+    args, state, tok, specials = load_gguf(path, progress)
     out = Path(out)
-    save_exported(out, args, state, dtype=dtype, extra={"tokenizer": "tokenizer.json", "source": str(path)})
+    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    return out
+    save_tokenizer(out, "tokenizer.json", out, specials, args.max_seq_len)
+    extra = {"tokenizer": "tokenizer.json", "source": str(path)}
+    return save_exported(out, args, state, dtype=dtype, extra=extra, tokenizer_base=out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

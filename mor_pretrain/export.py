@@ -1,14 +1,18 @@
-"""Weights-only exports: a folder with `model.safetensors` and a self-describing `config.json`.
+"""Weights-only exports: a folder with `model.safetensors`, a self-describing `config.json` and its tokenizer.
 
 Loading needs no torch.distributed and no process group. The config carries every ModelArgs field
 (Nr, sharing, router, capacities, KV mode, ...) plus the tokenizer spec, so an export fully describes the
-model it holds.
+model it holds. The tokenizer is copied beside the weights (`tokenizer.model` for SentencePiece,
+`tokenizer.json` for byte-level BPE) with a `tokenizer_config.json`, so the folder moves as a whole and
+transformers' `AutoTokenizer.from_pretrained(folder)` reads it: bos/eos/pad as trained, nothing added to
+encoded text (the training data has no bos; eos only ends documents).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,66 @@ from mor_pretrain.config import _build
 from mor_pretrain.models import ModelArgs, MoRModel
 
 FORMAT = "mor-pretrain/v1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype names of every tool
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Specials of a byte-level BPE without a tokenizer_config.json (SmolLM2 exports written before there was one).
+BPE_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def tokenizer_file(spec: str, base: str | Path | None = None) -> Path:
+    """The file a tokenizer spec names: "default" (the packaged SentencePiece model), or a path. A relative
+    path is looked up in `base` (e.g. the export folder that holds it), then in the working directory (the
+    training config's view, as exports written before tokenizers were copied recorded it)."""
+    from mor_pretrain.data.tokenizer import default_tokenizer_path
+
+    if spec == "default":
+        return default_tokenizer_path()
+    path = Path(spec)
+    if base is not None and not path.is_absolute() and (Path(base) / spec).is_file():
+        path = Path(base) / spec
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return path
+
+
+def tokenizer_specials(path: Path) -> dict[str, str]:
+    """bos/eos/pad/unk token strings of a tokenizer file: a SentencePiece model's own pieces (pad falls back
+    to eos, as in data.tokenizer), a tokenizer.json's from the tokenizer_config.json beside it."""
+    if path.suffix == ".json":
+        cfg = path.parent / TOKENIZER_CONFIG
+        found = json.loads(cfg.read_text()) if cfg.is_file() else BPE_SPECIALS
+        keys = ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")
+        return {k: found[k] for k in keys if isinstance(found.get(k), str)}
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+    if ids["pad_token"] < 0:
+        ids["pad_token"] = ids["eos_token"]
+    return {k: sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+
+
+def save_tokenizer(
+    out: str | Path,
+    spec: str,
+    base: str | Path | None = None,
+    specials: dict[str, str] | None = None,
+    max_len: int | None = None,
+) -> str:
+    """Copy the tokenizer `spec` names into folder `out` with its tokenizer_config.json; returns the name to
+    record as the folder's tokenizer spec. `specials` overrides the bos/eos/pad/unk found in the source."""
+    src = tokenizer_file(spec, base)
+    out = Path(out)
+    dst = out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model")
+    found = {**tokenizer_specials(src), **(specials or {})}
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **found}
+    cfg.update(add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
+    if max_len:
+        cfg["model_max_length"] = max_len
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    return dst.name
 
 
 def save_exported(
@@ -27,15 +91,23 @@ def save_exported(
     state_dict: dict[str, torch.Tensor],
     dtype: torch.dtype | None = torch.bfloat16,
     extra: dict[str, Any] | None = None,
+    tokenizer_base: str | Path | None = None,
 ) -> Path:
-    """Write `state_dict` (MoRModel names, full unsharded tensors) and its config to folder `path`."""
+    """Write `state_dict` (MoRModel names, full unsharded tensors), its config and the tokenizer that
+    extra["tokenizer"] names (resolved against `tokenizer_base` when relative) to folder `path`."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    if extra.get("tokenizer"):
+        spec = extra["tokenizer"]
+        extra["tokenizer"] = save_tokenizer(out, spec, tokenizer_base, max_len=args.max_seq_len)
+        if extra["tokenizer"] != spec:
+            extra.setdefault("tokenizer_source", spec)
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
         for k, v in state_dict.items()
     }
-    meta = {"format": FORMAT, "model": dataclasses.asdict(args), **(extra or {})}
+    meta = {"format": FORMAT, "model": dataclasses.asdict(args), **extra}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(out / "model.safetensors")  # a reader never sees a half-written file

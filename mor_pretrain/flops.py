@@ -1,21 +1,32 @@
-"""FLOP accounting under two conventions.
+"""FLOP accounting under two conventions, stated in full in docs/FLOPS.md.
 
 - `paper_flops_per_token`: the convention behind the MoR paper's isoFLOP budgets (MOR_FACTS s7). Forward
   only, no embedding or head, K/V projections counted as d x d (GQA ignored), per applied layer:
-  2 (4 d^2 + 3 d d_ffn) c_q + 2 T d c_q c_kv, with c_q the fraction of tokens running that layer.
-  Use it to plan budgets comparable with the paper.
-- `executed_flops_per_token`: what the hardware really runs, for MFU. Forward + backward (3x forward),
-  real GQA shapes, causal attention pairs only, routers and LM head included, the static top-k sizes
-  actually used, K/V projections skipped where KV sharing reuses them. Activation-checkpoint recompute
-  is not counted. Token-choice and causal expert routing run every step at full length (masked), so
-  they are counted at full length: that is what executes.
+  2 (4 d^2 + 3 d d_ffn) c_q + 2 T d c_q c_kv, with c_q the fraction of tokens running that layer: the
+  expert capacities, and for token choice the perfectly balanced fractions (Nr - r) / Nr the paper assumes.
+  Use it to plan budgets comparable with the paper; `budget` turns a budget into steps with the paper's
+  rounding.
+- `executed_flops` / `executed_flops_per_token`: useful model FLOPs for MFU. Forward + backward, real GQA
+  shapes, every matmul with a weight on the rows each recursion step routes (top-k sizes for expert
+  choice; for token choice the depths the router actually chose, when given), attention over causal
+  (query, key) pairs only, routers and LM head included, embedding free. Padding of compacted steps and
+  activation-checkpoint recompute are not useful work and are not counted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mor_pretrain.models.mor import ModelArgs
+
+
+def paper_capacities(args: ModelArgs) -> list[float]:
+    """Fraction of tokens running each recursion step under the paper's convention."""
+    n = args.num_recursions
+    if args.router == "token":
+        return [(n - r) / n for r in range(n)]  # perfectly balanced token choice
+    return args.step_capacities
 
 
 def _layer_caps(args: ModelArgs) -> list[tuple[float, float, bool]]:
@@ -23,7 +34,7 @@ def _layer_caps(args: ModelArgs) -> list[tuple[float, float, bool]]:
     out: list[tuple[float, float, bool]] = []
     edge = [(1.0, 1.0, True)] if args.middle else []
     out += edge
-    for r, c in enumerate(args.step_capacities):
+    for r, c in enumerate(paper_capacities(args)):
         share = args.kv_mode == "share" and r > 0
         out += [(c, 1.0 if share else c, not share)] * args.num_shared
     return out + edge
@@ -38,44 +49,71 @@ def paper_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return total
 
 
-def _attn_pairs(n_q: int, n_k: int) -> float:
-    """Causal (query, key) pairs when queries are a subset of the keys' positions (n_q <= n_k)."""
+def causal_pairs(n_q: float, n_k: float) -> float:
+    """Causal (query, key) pairs when n_q queries are a subset of n_k key positions: n (n + 1) / 2 for a
+    step's own tokens; queries spread over the sequence see about half the keys each otherwise."""
     if n_q == n_k:
         return n_q * (n_q + 1) / 2
-    return n_q * (n_k + 1) / 2  # queries spread over the sequence see about half the keys each
+    return n_q * (n_k + 1) / 2
 
 
-def executed_flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Forward + backward FLOPs per token actually executed by MoRModel.forward(routing="topk")."""
+@dataclass
+class FlopCount:
+    """Executed FLOPs per token (forward + backward), split the way a profiler sees them."""
+
+    linear: float  # matmuls with a weight: projections, FFN, routers, LM head
+    attention: float  # QK^T and AV over causal pairs
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def routed_rows(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> list[float]:
+    """Mean tokens per sequence that run each recursion step. depth_load: token choice's reported load
+    (tokens whose chosen depth index is i, so that ran steps 0..i); without it, the balanced guess."""
+    t, n = seq_len, args.num_recursions
+    if args.router == "expert":
+        return [float(k) for k in args.tokens_per_step(t)]
+    if args.router == "token" and depth_load is not None:
+        total = sum(depth_load)
+        if len(depth_load) != n or total <= 0:
+            raise ValueError(f"depth_load needs {n} non-negative counts with a positive sum, got {depth_load}")
+        return [t * sum(depth_load[r:]) / total for r in range(n)]
+    return [t * c for c in paper_capacities(args)]
+
+
+def executed_flops(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> FlopCount:
+    """Useful FLOPs per token of MoRModel.forward(routing="topk") + backward (docs/FLOPS.md)."""
     d, f, t = args.d_model, args.d_ffn, seq_len
     hd, h, kvh = args.head_dim, args.n_heads, args.n_kv_heads
-    q_o = 2 * d * h * hd
-    kv = 2 * d * kvh * hd
-    ffn = 3 * d * f
-
-    def layer(n_q: int, n_k: int, computes_kv: bool) -> float:
-        linear = 2 * n_q * (q_o + ffn) + (2 * n_k * kv if computes_kv else 0)
-        attn = 2 * 2 * h * hd * _attn_pairs(n_q, n_k)  # QK^T and AV
-        return linear + attn
-
-    total = 0.0
+    per_row = 2 * (2 * d * h * hd + 3 * d * f)  # q, o, FFN
+    kv_row = 2 * 2 * d * kvh * hd
+    pair = 2 * 2 * h * hd  # QK^T and AV
+    linear = attn = 0.0  # forward FLOPs of one sequence
     if args.middle:
-        total += 2 * layer(t, t, True)
-    masked = args.router == "token"
-    ks = [t] * args.num_recursions if masked else args.tokens_per_step(t)
-    out = {"expert": 1, "token": args.num_recursions}.get(args.router, 0)
-    router_fwd = (2 * d * d + 2 * d * out) if args.router_arch == "mlp" else 2 * d * out
-    n_cand = t
-    for r, k in enumerate(ks):
+        linear += 2 * t * (per_row + kv_row)
+        attn += 2 * pair * causal_pairs(t, t)
+    rows = routed_rows(args, t, depth_load)
+    for r, n in enumerate(rows):
         share = args.kv_mode == "share" and r > 0
-        total += args.num_shared * layer(k, ks[0] if share else k, not share)
-        if args.router == "expert":
-            total += router_fwd * n_cand * (2 if args.aux_router else 1)
-            n_cand = k
-    if args.router == "token":
-        total += router_fwd * t
-    total += 2 * t * d * args.vocab_size  # LM head
-    return 3 * total / t
+        linear += args.num_shared * n * (per_row + (0 if share else kv_row))
+        attn += args.num_shared * pair * causal_pairs(n, rows[0] if share else n)
+    out = {"expert": 1, "token": args.num_recursions}.get(args.router, 0)
+    mlp = args.router_arch == "mlp"
+    n_routers = {"expert": args.num_recursions, "token": 1}.get(args.router, 0)
+    linear += n_routers * 2 * t * (d * d * mlp + d * out)  # every router scores every position
+    linear += 2 * t * d * args.vocab_size  # LM head
+    # Backward = 2 x forward, except the auxiliary routers: their input is detached, so their first
+    # layer computes weight gradients only (backward = forward, + the second layer's input grad for mlp).
+    aux_fwd = 2 * t * (d * d * mlp + d * out)
+    aux = args.num_recursions * (2 * aux_fwd + 2 * t * d * out * mlp) if args.aux_router else 0
+    return FlopCount(linear=(3 * linear + aux) / t, attention=3 * attn / t)
+
+
+def executed_flops_per_token(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> float:
+    """Useful FLOPs per token, forward + backward; see `executed_flops`."""
+    return executed_flops(args, seq_len, depth_load).total
 
 
 @dataclass
@@ -85,14 +123,10 @@ class Budget:
     steps: int
 
 
-def budget(flops_per_token: float, total_flops: float, tokens_per_step: int, paper_rounding: bool = False) -> Budget:
-    """Tokens and optimizer steps a FLOP budget buys; steps rounded down.
-
-    paper_rounding reproduces the paper's published step counts (reverse-engineered): FLOPs per token
-    rounded to 0.1 MFLOP, as printed in its tables, and steps rounded to the nearest integer.
-    """
-    if paper_rounding:
-        flops_per_token = round(flops_per_token, -5)
+def budget(flops_per_token: float, total_flops: float, tokens_per_step: int) -> Budget:
+    """Tokens and optimizer steps a FLOP budget buys, with the one rounding rule of the project, the
+    paper's (it reproduces every published step count): FLOPs per token rounded to 0.1 MFLOP, as its
+    tables print them, then steps rounded to the nearest integer."""
+    flops_per_token = round(flops_per_token, -5)
     tokens = total_flops / flops_per_token
-    steps = round(tokens / tokens_per_step) if paper_rounding else int(tokens // tokens_per_step)
-    return Budget(flops_per_token, tokens, steps)
+    return Budget(flops_per_token, tokens, round(tokens / tokens_per_step))

@@ -6,7 +6,10 @@ reuse the largest run ("trapezoid reuse"): a smaller run shares the big run's wa
 is only a cooldown branched from the big run's checkpoint at the step where its own decay begins.
 
 Reporting reads what runs leave behind (the run folder contract): `config.toml`, TensorBoard scalars in
-`tb/` and evaluation results in `eval/*.json`.
+`tb/` and evaluation results in `eval/*.json`. Validation losses come in two routing modes (trainer.validate):
+val/loss_causal, comparable across families and what a deployed model gets, and val/loss_topk, expert
+choice's training-time top-k (the paper's protocol, which sees future tokens); the two are equal for models
+without expert choice.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPl
     batch_tokens = t.global_batch_size * t.seq_len
     runs: list[RunPlan] = []
     for b in sorted(budgets, reverse=True):
-        steps = budget(fpt_paper, b, batch_tokens, paper_rounding=True).steps
+        steps = budget(fpt_paper, b, batch_tokens).steps
         if steps < 1:
             raise ValueError(f"{source}: budget {b:.3g} FLOPs buys no optimizer step at {batch_tokens} tokens/step")
         name = f"{cfg.name}_{budget_tag(b)}"
@@ -215,7 +218,7 @@ def load_plan(plan_dir: str | Path) -> list[RunPlan]:
     """Read plan.json back into RunPlan objects."""
     path = Path(plan_dir) / PLAN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: write a plan with `tools/isoflop.py plan ... --write {plan_dir}`")
+        raise FileNotFoundError(f"{path} not found: write a plan with `tools/isoflop.py plan ... --out {plan_dir}`")
     names = {f.name for f in dataclasses.fields(RunPlan)}
     return [RunPlan(**{k: v for k, v in e.items() if k in names}) for e in json.loads(path.read_text())["runs"]]
 
@@ -250,14 +253,18 @@ def plan_table(runs: list[RunPlan]) -> str:
 # reporting
 
 
+VAL_TAGS = {"causal": "val/loss_causal", "topk": "val/loss_topk"}
+
+
 @dataclass
 class Curve:
-    """Validation loss over training, with the FLOPs (paper convention) and tokens spent at each point."""
+    """Validation losses over training, with the FLOPs (paper convention) and tokens spent at each point."""
 
     steps: list[int]
     flops: list[float]
     tokens: list[float]
-    val_loss: list[float]
+    val_loss_causal: list[float]
+    val_loss_topk: list[float | None]  # None where a step logged no top-k loss
 
 
 @dataclass
@@ -270,8 +277,9 @@ class RunResult:
     step: int  # last step with a logged scalar
     flops: float  # paper-convention FLOPs spent by that step
     tokens: float
-    val_loss: float | None  # the last val/loss logged
-    val_step: int | None  # the step it was logged at
+    val_loss_causal: float | None  # the last val/loss_causal logged
+    val_loss_topk: float | None  # val/loss_topk at that step
+    val_step: int | None  # the step they were logged at
     train_loss: float | None
     eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> mean accuracy over tasks
     eval_tasks: int
@@ -350,13 +358,14 @@ def read_run(run_dir: str | Path) -> RunResult:
         v = _at(scalars.get(tag, {}), step)
         return v if v is not None else step * batch_tokens * per_token
 
-    val = scalars.get("val/loss", {})
+    val, topk = scalars.get(VAL_TAGS["causal"], {}), scalars.get(VAL_TAGS["topk"], {})
     vsteps = sorted(val)
     curve = Curve(
         steps=vsteps,
         flops=[spent("progress/flops_paper", s, fpt) for s in vsteps],
         tokens=[spent("progress/tokens", s, 1.0) for s in vsteps],
-        val_loss=[val[s] for s in vsteps],
+        val_loss_causal=[val[s] for s in vsteps],
+        val_loss_topk=[topk.get(s) for s in vsteps],
     )
     last = max((max(s) for s in scalars.values() if s), default=0)
     train = scalars.get("train/loss", {})
@@ -370,7 +379,8 @@ def read_run(run_dir: str | Path) -> RunResult:
         step=last,
         flops=spent("progress/flops_paper", last, fpt),
         tokens=spent("progress/tokens", last, 1.0),
-        val_loss=val[vsteps[-1]] if vsteps else None,
+        val_loss_causal=curve.val_loss_causal[-1] if vsteps else None,
+        val_loss_topk=curve.val_loss_topk[-1] if vsteps else None,
         val_step=vsteps[-1] if vsteps else None,
         train_loss=train[max(train)] if train else None,
         eval_acc=_pick_accuracy(evals),
@@ -380,12 +390,13 @@ def read_run(run_dir: str | Path) -> RunResult:
 
 
 def results_table(results: list[RunResult]) -> str:
-    """Markdown table: model, family, params, FLOPs, tokens, final losses, eval accuracy per routing mode."""
+    """Markdown table: model, family, params, FLOPs, tokens, final validation losses (causal and top-k
+    routing), train loss, eval accuracy per routing mode."""
     routings = sorted({k for r in results for k in r.eval_acc})
     acc_cols = "".join(f" eval acc ({k}) |" if k != "-" else " eval acc |" for k in routings)
     head = (
-        "| model | family | params | non-emb params | step | FLOPs (paper) | tokens | val loss | train loss |"
-        + acc_cols
+        "| model | family | params | non-emb params | step | FLOPs (paper) | tokens | val loss (causal) "
+        "| val loss (top-k) | train loss |" + acc_cols
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -397,14 +408,15 @@ def results_table(results: list[RunResult]) -> str:
         at = f" (step {r.val_step})" if r.val_step not in (None, r.step) else ""  # validated before the end
         lines.append(
             f"| {r.name} | {r.family} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | {r.flops:.3g} | "
-            f"{_si(r.tokens)} | {num(r.val_loss)}{at} | {num(r.train_loss)} |" + accs
+            f"{_si(r.tokens)} | {num(r.val_loss_causal)}{at} | {num(r.val_loss_topk)} | {num(r.train_loss)} |" + accs
         )
     return "\n".join(lines)
 
 
 def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
-    """val_loss_vs_flops.png and val_loss_vs_tokens.png: each run's curve (thin) and, per family, a line
-    through the runs' final points."""
+    """val_loss_vs_flops.png and val_loss_vs_tokens.png: each run's causal validation curve (thin) and, per
+    family, a line through the runs' final points; dashed, the same through their top-k losses where these
+    differ (expert choice)."""
     try:
         import matplotlib
 
@@ -412,9 +424,9 @@ def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'mor-pretrain[plot]'") from None
-    with_val = [r for r in results if r.curve.val_loss]
+    with_val = [r for r in results if r.curve.val_loss_causal]
     if not with_val:
-        raise ValueError("no run has val/loss scalars in its tb/ folder: nothing to plot")
+        raise ValueError(f"no run has {VAL_TAGS['causal']} scalars in its tb/ folder: nothing to plot")
     colors = {"vanilla": "tab:gray", "recursive": "tab:blue", "mor": "tab:red"}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,13 +436,17 @@ def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
         for fam in FAMILY_ORDER:
             runs = sorted((r for r in with_val if r.family == fam), key=lambda r: getattr(r.curve, axis)[-1])
             for r in runs:
-                ax.plot(getattr(r.curve, axis), r.curve.val_loss, color=colors[fam], alpha=0.35, linewidth=1)
+                ax.plot(getattr(r.curve, axis), r.curve.val_loss_causal, color=colors[fam], alpha=0.35, linewidth=1)
             if runs:
                 xs = [getattr(r.curve, axis)[-1] for r in runs]
-                ax.plot(xs, [r.curve.val_loss[-1] for r in runs], "o-", color=colors[fam], label=fam)
+                causal = [r.curve.val_loss_causal[-1] for r in runs]
+                ax.plot(xs, causal, "o-", color=colors[fam], label=f"{fam} (causal)")
+                topk = [math.nan if r.val_loss_topk is None else r.val_loss_topk for r in runs]
+                if any(t != c for t, c in zip(topk, causal, strict=True) if not math.isnan(t)):
+                    ax.plot(xs, topk, "s--", color=colors[fam], label=f"{fam} (top-k)")
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel("validation loss (causal routing; dashed: top-k)")
         ax.set_title(f"validation loss vs {label}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()

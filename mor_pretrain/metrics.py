@@ -1,4 +1,4 @@
-"""Training metrics: one all-reduce and one host sync per log step, TensorBoard on rank 0, a console line.
+"""Training metrics: one collective and one host sync per log step, TensorBoard on rank 0, a console line.
 
 The model returns losses and routing statistics as device tensors; the trainer keeps them on device and
 hands them here only at log steps.
@@ -7,6 +7,7 @@ hands them here only at log steps.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -55,43 +56,84 @@ def peak_flops(name: str, override_tflops: float, warn: bool = True) -> float | 
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """GPU max allocated/reserved since the last reset, or the process's peak RSS on CPU, in GiB."""
+    """This process's peak memory and its share of the device.
+
+    CUDA: max allocated / reserved since the last reset (GiB), reserved as a share of the device's memory,
+    and the caching allocator's cumulative retries (cache flushes to satisfy an allocation: a sign of
+    fragmentation or memory pressure) and OOMs. CPU: peak RSS (GiB) and its share of physical memory.
+    """
     gib = 1024**3
     if device.type == "cuda":
+        counters = torch.cuda.memory_stats(device)
+        reserved = torch.cuda.max_memory_reserved(device)
         return {
             "max_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
-            "max_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+            "max_reserved_gib": reserved / gib,
+            "max_reserved_share": reserved / torch.cuda.get_device_properties(device).total_memory,
+            "alloc_retries": float(counters.get("num_alloc_retries", 0)),
+            "ooms": float(counters.get("num_ooms", 0)),
         }
     # Linux reports ru_maxrss in KiB, macOS in bytes.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / gib}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"max_rss_gib": rss / gib, "max_rss_share": rss / physical_memory()}
 
 
-def reduce_scalars(values: dict[str, torch.Tensor], op: str = "mean") -> dict[str, float]:
-    """All-reduce scalar tensors across all ranks in ONE collective and ONE host sync."""
-    if not values:
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reduce_scalars(
+    sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor] | None = None, replicas: int = 1
+) -> dict[str, float]:
+    """Sum `sums` and take the maximum of `maxes` over all ranks in ONE collective and ONE host sync.
+
+    replicas: ranks holding the same data (tensor-parallel ranks), whose sums are counted once.
+    """
+    maxes = maxes or {}
+    names = [*sums, *maxes]
+    if not names:
         return {}
-    names = list(values)
-    flat = torch.stack([values[k].detach().float().reshape(()) for k in names])
-    if dist.is_initialized():
-        dist.all_reduce(flat)
-        if op == "mean":
-            flat /= dist.get_world_size()
+    flat = torch.stack([t.detach().float().reshape(()) for t in (*sums.values(), *maxes.values())])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        stacked = torch.stack(gathered)
+        flat = torch.cat([stacked[:, : len(sums)].sum(0) / replicas, stacked[:, len(sums) :].amax(0)])
     return dict(zip(names, flat.tolist(), strict=True))
 
 
-def routing_scalars(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flatten routing statistics to scalars: vectors (tokens per depth, token-choice load) become one
-    fraction per entry, e.g. routing/tokens_per_depth/2."""
-    out: dict[str, torch.Tensor] = {}
-    for name, v in stats.items():
-        if v.ndim == 0:
-            out[f"routing/{name}"] = v
+def count_fractions(counts: dict[str, float]) -> dict[str, float]:
+    """Count vectors of the global batch, keyed count/<name>/<i>, as fractions routing/<name>/<i> of their
+    total. The token-choice load (tc_load, tokens per chosen depth) becomes routing/maxvio instead: max load
+    / mean load - 1 over the global batch (MaxVio of loss-free balancing)."""
+    vectors: dict[str, list[float]] = {}
+    for key in sorted(counts, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
+        vectors.setdefault(key.split("/")[1], []).append(counts[key])
+    out: dict[str, float] = {}
+    for name, v in vectors.items():
+        total = max(sum(v), 1.0)
+        if name == "tc_load":
+            out["routing/maxvio"] = max(v) / (total / len(v)) - 1
         else:
-            frac = v.float() / v.float().sum().clamp(min=1)
-            for i, x in enumerate(frac):
-                out[f"routing/{name}/{i}"] = x
+            out.update({f"routing/{name}/{i}": x / total for i, x in enumerate(v)})
     return out
+
+
+# Console line: (tag, format), in order; a tag not logged at this step is left out.
+CONSOLE = (
+    ("train/loss", "loss {:.4f}"),
+    ("train/lm_loss_max_rank", "max-rank lm {:.4f}"),
+    ("train/grad_norm", "gnorm {:.3f}"),
+    ("train/lr", "lr {:.2e}"),
+    ("perf/tokens_per_s", "tok/s {:,.0f}"),
+    ("perf/tflops_per_device", "{:.3g} TFLOP/s/dev"),
+    ("perf/mfu", "mfu {:.1%}"),
+    ("perf/data_share", "data {:.1%}"),
+    ("mem/max_reserved_share", "mem {:.0%}"),
+    ("mem/max_rss_share", "rss {:.0%}"),
+    ("val/loss_causal", "val {:.4f}"),
+)
 
 
 class MetricLogger:
@@ -121,16 +163,13 @@ class MetricLogger:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(steps_done_since_start, 1) * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
-        for tag, fmt in (
-            ("train/loss", "loss {:.4f}"),
-            ("train/grad_norm", "gnorm {:.3f}"),
-            ("train/lr", "lr {:.2e}"),
-            ("perf/tokens_per_s", "tok/s {:,.0f}"),
-            ("perf/mfu", "mfu {:.1%}"),
-            ("val/loss", "val {:.4f}"),
-        ):
+        for tag, fmt in CONSOLE:
             if tag in scalars:
                 parts.append(fmt.format(scalars[tag]))
+        if scalars.get("mem/alloc_retries") or scalars.get("mem/ooms"):
+            parts.append(f"alloc retries {scalars['mem/alloc_retries']:.0f} ooms {scalars['mem/ooms']:.0f}")
+        if "val/loss_topk" in scalars and scalars["val/loss_topk"] != scalars.get("val/loss_causal"):
+            parts.append(f"val topk {scalars['val/loss_topk']:.4f}")
         parts.append(f"eta {_hms(eta)}")
         print(" | ".join(parts), flush=True)
 

@@ -45,10 +45,18 @@ from mor_pretrain.checkpoint import (
     step_dir,
 )
 from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
-from mor_pretrain.data import build_dataloader, resolve_vocab_size
+from mor_pretrain.data import build_dataloader, load_tokenizer
+from mor_pretrain.data.tokenizer import padded_vocab_size
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
-from mor_pretrain.metrics import MetricLogger, device_name, memory_stats, peak_flops, reduce_scalars, routing_scalars
+from mor_pretrain.metrics import (
+    MetricLogger,
+    count_fractions,
+    device_name,
+    memory_stats,
+    peak_flops,
+    reduce_scalars,
+)
 from mor_pretrain.models import MoRModel
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from mor_pretrain.parallel import DTYPES, build_mesh, dp_coordinates, parallelize
@@ -111,6 +119,7 @@ class StepLosses:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     scored_tokens: torch.Tensor | None = None  # global count of labels != IGNORE
+    rank_lm: torch.Tensor | None = None  # this rank's mean LM loss over its own scored tokens
     tc_load: torch.Tensor | None = None  # token-choice tokens per depth, summed over micro-batches
 
 
@@ -159,6 +168,19 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
     return model
 
 
+def size_vocabulary(cfg: JobConfig) -> None:
+    """Size the embedding from the tokenizer when model.vocab_size is 0; refuse one that some token ids
+    would index past (that fails only later, deep inside the forward)."""
+    pieces = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = padded_vocab_size(pieces, cfg.data.vocab_multiple)
+    elif cfg.model.vocab_size < pieces:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's {pieces} pieces "
+            f"(data.tokenizer = {cfg.data.tokenizer!r}); set model.vocab_size = 0 to size it from the tokenizer"
+        )
+
+
 def grad_accumulation(cfg: JobConfig, dp_world: int) -> int:
     t = cfg.training
     per_step = t.micro_batch_size * dp_world
@@ -195,7 +217,8 @@ def forward_backward(
 ) -> StepLosses:
     """Forward and backward over this rank's micro-batches, every loss normalized per global batch."""
     counts = [(b["labels"] != IGNORE).sum() for b in batches]
-    scored = par.dp_sum(torch.stack(counts).sum().to(par.device, torch.float32)).clamp(min=1)
+    local = torch.stack(counts).sum().to(par.device, torch.float32)
+    scored = par.dp_sum(local).clamp(min=1)
     out_sums = StepLosses(lm=torch.zeros((), device=par.device), scored_tokens=scored)
     for batch, n in zip(batches, counts, strict=True):
         inp = batch["input"].to(par.device, non_blocking=True)
@@ -208,11 +231,14 @@ def forward_backward(
         # Combine plain tensors only: a DTensor gradient must not flow into the plain aux-loss graph.
         lm = plain(out.lm_loss)
         loss = lm * (tok_share * par.dp_world)
-        for a in out.aux_losses.values():
+        for a in [*out.aux_losses.values(), *out.side_losses.values()]:
             loss = loss + a * (seq_share * par.dp_world)
         with backward_context(par.tp):
             loss.backward()
-        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, out.stats, seq_share)
+        # Side losses (the auxiliary router's BCE) are logged as routing stats, outside train/loss.
+        stats = {**out.stats, **{k: v.detach() for k, v in out.side_losses.items()}}
+        accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, stats, seq_share)
+    out_sums.rank_lm = out_sums.lm * scored / local.clamp(min=1)
     return out_sums
 
 
@@ -239,6 +265,8 @@ def train_step(
     """One optimizer step over this rank's micro-batches. Returns the losses, the pre-clip grad norm and
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
+    if losses.tc_load is not None:  # token choice: the global batch's load, for the bias and the FLOP count
+        dist.all_reduce(losses.tc_load)  # TP duplicates scale every count alike; both uses are scale-free
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
     if skipped:
@@ -257,32 +285,45 @@ def update_router_bias(model: MoRModel, load: torch.Tensor | None) -> None:
     ranks (the sign rule is scale-free, so TP duplicates in the sum do not matter)."""
     if load is None or model.args.balancing != "loss_free":
         return
-    load = load.clone()
-    dist.all_reduce(load)
     model.update_router_bias(load)
+
+
+VAL_MODES = ("causal", "topk")
 
 
 @torch.no_grad()
 def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dict[str, float]:
-    """Mean LM loss over the first n_batches micro-batches of the val split (the same on every call).
-    Ranks run the same number of forwards (the smallest count among them) so FSDP collectives match."""
+    """Mean LM loss over the first n_batches micro-batches of the val split (the same on every call), in
+    both routing modes: val/loss_causal routes each token on its own past (what a deployed model gets, and
+    comparable with a vanilla run); val/loss_topk is expert choice's training-time top-k, which sees the
+    whole sequence (the paper's protocol, optimistic). Models without expert choice route the same either
+    way: one pass, logged under both names. Ranks run the same number of forwards (the smallest count
+    among them) so FSDP collectives match."""
     batches = list(islice(iter(loader), n_batches))
     n = torch.tensor(len(batches), device=par.device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     if n.item() == 0:
         raise RuntimeError("validation: the val split gave no batch on some rank; check data.val_sources")
-    total = torch.zeros((), device=par.device)
+    modes = VAL_MODES if model.args.router == "expert" else VAL_MODES[:1]
+    totals = torch.zeros(len(modes), device=par.device)
     count = torch.zeros((), device=par.device)
     for batch in batches[: int(n.item())]:
-        labels = batch["labels"].to(par.device)
-        with forward_context(par.tp):
-            out = model(batch["input"].to(par.device), labels, return_logits=False)
-        assert out.lm_loss is not None
+        inp, labels = batch["input"].to(par.device), batch["labels"].to(par.device)
         scored = (labels != IGNORE).sum()
-        total += plain(out.lm_loss).float() * scored
+        for i, mode in enumerate(modes):
+            with forward_context(par.tp):
+                out = model(inp, labels, routing=mode, return_logits=False)
+            assert out.lm_loss is not None
+            totals[i] += plain(out.lm_loss).float() * scored
         count += scored
-    loss = (par.dp_sum(total) / par.dp_sum(count).clamp(min=1)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    losses = (par.dp_sum(totals) / par.dp_sum(count).clamp(min=1)).tolist()
+    by_mode = dict(zip(modes, losses, strict=True))
+    out_values: dict[str, float] = {}
+    for mode in VAL_MODES:
+        loss = by_mode.get(mode, losses[0])
+        out_values[f"val/loss_{mode}"] = loss
+        out_values[f"val/ppl_{mode}"] = math.exp(min(loss, 50.0))
+    return out_values
 
 
 @dataclass
@@ -293,6 +334,7 @@ class LogWindow:
     scored_tokens: torch.Tensor | None = None
     positions: int = 0
     steps: int = 0
+    data_s: float = 0.0  # host time spent waiting for the train loader
 
     def add(self, scored: torch.Tensor | None, positions: int) -> None:
         assert scored is not None
@@ -311,26 +353,45 @@ def log_step(
     peak: float | None,
     par: Parallel,
 ) -> dict[str, float]:
-    """Reduce the step's metrics (one collective, one host sync) and return them as TensorBoard tags."""
+    """Reduce the step's metrics (one collective, one host sync) and return them as TensorBoard tags.
+
+    Losses and scalar routing statistics are each rank's share of the global batch's mean, count vectors
+    (tokens per depth, token-choice load) its counts: summed over data-parallel ranks they give the global
+    batch's value, however it was split over ranks and micro-batches. Per-rank figures (time, memory, the
+    max loss) take the worst rank.
+    """
     aux_total = sum(losses.aux.values(), torch.zeros((), device=par.device))
-    tensors = {
-        # dp_world x (this rank's share of the global mean), averaged over ranks = the global mean
-        "train/lm_loss": losses.lm * par.dp_world,
-        "train/loss": (losses.lm + aux_total) * par.dp_world,
-        **{f"train/aux/{k}": v * par.dp_world for k, v in losses.aux.items()},
-        "train/grad_norm": grad_norm,
-        "window/scored_tokens": window.scored_tokens,
-        **routing_scalars({k: v for k, v in losses.stats.items() if k != "tc_load"}),
-    }
-    values = reduce_scalars({k: v for k, v in tensors.items() if v is not None})
+    ones = torch.ones((), device=par.device)
     elapsed = time.perf_counter() - window.start
+    assert window.scored_tokens is not None and losses.rank_lm is not None
+    stats = {k: v for k, v in losses.stats.items() if k != "maxvio"}  # per micro-batch; the global one below
+    shares = {
+        "train/lm_loss": losses.lm,
+        "train/loss": losses.lm + aux_total,
+        **{f"train/aux/{k}": v for k, v in losses.aux.items()},
+        **{f"routing/{k}": v for k, v in stats.items() if v.ndim == 0},
+        **{f"count/{k}/{i}": x for k, v in stats.items() if v.ndim for i, x in enumerate(v)},
+    }
+    maxed = {
+        "train/grad_norm": grad_norm,  # the same on every rank, as is the global token count
+        "window/scored_tokens": window.scored_tokens,
+        "train/lm_loss_max_rank": losses.rank_lm,
+        "window/data_s": ones * window.data_s,
+        **{f"mem/{k}": ones * v for k, v in memory_stats(par.device).items()},
+    }
+    values = reduce_scalars(shares, maxed, replicas=par.tp)
+    values.update(count_fractions({k: values.pop(k) for k in list(values) if k.startswith("count/")}))
     scored = values.pop("window/scored_tokens")
+    data_s = values.pop("window/data_s")
     values["train/lr"] = lr
     values["perf/tokens_per_s"] = scored / elapsed
     values["perf/step_time_s"] = elapsed / window.steps
+    values["perf/data_time_s"] = data_s / window.steps
+    values["perf/data_share"] = data_s / elapsed
+    achieved = flops_per_position * window.positions / (elapsed * dist.get_world_size())
+    values["perf/tflops_per_device"] = achieved / 1e12
     if peak is not None:
-        values["perf/mfu"] = flops_per_position * window.positions / (elapsed * peak * dist.get_world_size())
-    values.update({f"mem/{k}": v for k, v in memory_stats(par.device).items()})
+        values["perf/mfu"] = achieved / peak
     values["progress/tokens"] = float(state.tokens_seen)
     values["train/skipped_steps"] = float(state.skipped_steps)
     values["progress/flops_paper"] = state.flops_paper
@@ -365,8 +426,7 @@ def train(cfg: JobConfig) -> TrainState:
     accum = grad_accumulation(cfg, dp_world)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = resolve_vocab_size(cfg.data)
+    size_vocabulary(cfg)
     lock = lock_run_dir(cfg.run_dir, par.rank)
 
     model = build_model(cfg, mesh, device)
@@ -376,7 +436,10 @@ def train(cfg: JobConfig) -> TrainState:
     train_loader = build_dataloader(cfg.data, split="train", dp_world=dp_world, seed=t.seed, **loader_kw)
     val_loader = None
     if t.val_interval:
-        val_loader = build_dataloader(cfg.data, split="val", dp_world=dp_world, seed=t.seed, **loader_kw)
+        val_windows = t.val_batches * t.global_batch_size  # a fixed set, the same for every layout
+        val_loader = build_dataloader(
+            cfg.data, split="val", dp_world=dp_world, seed=t.seed, val_windows=val_windows, **loader_kw
+        )
     state = TrainState()
     checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir / cfg.checkpoint.folder, config_toml=dump_toml(cfg))
     ck_states = {
@@ -410,11 +473,16 @@ def train(cfg: JobConfig) -> TrainState:
     stopped = False
     while state.step < t.steps and not stopped:
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
-        losses, grad_norm, skipped = train_step(model, optimizer, scheduler, batches(train_iter, accum), par, cfg)
+        fetch = time.perf_counter()
+        micro_batches = batches(train_iter, accum)
+        window.data_s += time.perf_counter() - fetch
+        losses, grad_norm, skipped = train_step(model, optimizer, scheduler, micro_batches, par, cfg)
         state.step += 1
         state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
+        if losses.tc_load is not None:  # token choice: the depths this step routed, all ranks (one host sync)
+            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.tc_load.tolist())
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
@@ -425,7 +493,11 @@ def train(cfg: JobConfig) -> TrainState:
             metrics.log(state.step, values, state.step - first_step)
             window = LogWindow()
         if val_loader is not None and (state.step % t.val_interval == 0 or state.step == t.steps):
-            metrics.log(state.step, validate(model, val_loader, t.val_batches, par), state.step - first_step)
+            start = time.perf_counter()
+            val = validate(model, val_loader, len(val_loader), par)
+            val["perf/val_time_s"] = time.perf_counter() - start
+            window.start += val["perf/val_time_s"]  # training throughput leaves validation out
+            metrics.log(state.step, val, state.step - first_step)
         checkpointer.poll()
         stopped = preemption.should_stop()
         if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):

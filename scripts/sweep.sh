@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a planned isoFLOP sweep one run after another, in plan order:
-#   python tools/isoflop.py plan --budget ... --configs ... --write PLAN_DIR
+#   python tools/isoflop.py plan --budget ... --configs ... --out PLAN_DIR
 #   [NGPU=8] [PYTHON=python] scripts/sweep.sh PLAN_DIR
 # Each run goes through scripts/train.sh (torchrun; NGPU as there: the GPU count, or 2 CPU processes).
 # A run that ends well gets a DONE file in its run folder; finished runs (DONE, or a complete export/) are

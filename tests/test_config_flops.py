@@ -1,14 +1,20 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from mor_pretrain.config import ConfigError, dump_toml, load_config
-from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
+from mor_pretrain.config import ConfigError, DataConfig, OptimizerConfig, dump_toml, load_config
+from mor_pretrain.flops import budget, executed_flops, executed_flops_per_token, paper_flops_per_token
+from mor_pretrain.isoflop import plan_config
 from mor_pretrain.models import MoRModel
+from mor_pretrain.models.mor import bucket_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
@@ -22,8 +28,8 @@ def test_paper_flop_check_values_and_step_counts():
     assert paper_flops_per_token(v, 2048) / 1e6 == pytest.approx(833.6, abs=0.05)
     assert paper_flops_per_token(m, 2048) / 1e6 == pytest.approx(555.6, abs=0.05)
     batch = 1024 * 2048
-    assert budget(paper_flops_per_token(v, 2048), 16.5e18, batch, paper_rounding=True).steps == 9438
-    assert budget(paper_flops_per_token(m, 2048), 16.5e18, batch, paper_rounding=True).steps == 14161
+    assert budget(paper_flops_per_token(v, 2048), 16.5e18, batch).steps == 9438
+    assert budget(paper_flops_per_token(m, 2048), 16.5e18, batch).steps == 14161
 
 
 def test_executed_flops_count_the_real_work():
@@ -44,8 +50,90 @@ def test_executed_flops_count_the_real_work():
     assert executed_flops_per_token(share, 128) < executed_flops_per_token(rw, 128)
     share_long = load_config(ROOT / "train_configs/mor_360m.toml", ["--model.kv_mode=share"]).model
     assert executed_flops_per_token(share_long, 2048) > em
+    # Token choice runs the depths its router picks: from the reported load, not a static guess.
     tok = load_config(ROOT / "train_configs/mor_360m.toml", ["--model.router=token"]).model
-    assert executed_flops_per_token(tok, 2048) > em  # masked token choice runs at full length
+    shallow, deep = executed_flops_per_token(tok, 2048, [8, 1, 1]), executed_flops_per_token(tok, 2048, [1, 1, 8])
+    assert shallow < executed_flops_per_token(tok, 2048) < deep < er
+    with pytest.raises(ValueError, match="depth_load"):
+        executed_flops_per_token(tok, 2048, [1, 1])
+
+
+def test_token_choice_paper_flops_assume_balanced_depths():
+    """The paper charges token choice like expert choice at capacities (Nr - r) / Nr."""
+    for nr, layers in ((2, 32), (3, 32), (4, 34)):
+        over = [f"--model.num_recursions={nr}", f"--model.n_layers={layers}"]
+        expert = load_config(ROOT / "train_configs/mor_360m.toml", over).model
+        token = load_config(ROOT / "train_configs/mor_360m.toml", [*over, "--model.router=token"]).model
+        rec = load_config(ROOT / "train_configs/recursive_360m.toml", over).model
+        assert paper_flops_per_token(token, 2048) == paper_flops_per_token(expert, 2048)
+        assert paper_flops_per_token(token, 2048) < paper_flops_per_token(rec, 2048)
+
+
+def _counted(model, tokens):
+    """Forward + backward matmul FLOPs by op, SDPA on its math kernel (which computes every pair)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        out = model(tokens, tokens)
+        out.loss.backward()
+    counts = fc.get_flop_counts()["Global"]
+    return counts[torch.ops.aten.mm], counts[torch.ops.aten.bmm], out
+
+
+FLOP_MODELS = {
+    "vanilla": dict(num_recursions=1, sharing="cycle", n_layers=4),
+    "recursive": dict(router="none"),
+    "recursive_share": dict(router="none", kv_mode="share"),
+    **{
+        f"expert{nr}_{kv}": dict(router="expert", num_recursions=nr, n_layers=2 + 2 * nr, kv_mode=kv)
+        for nr in (2, 3, 4)
+        for kv in ("recursion", "share")
+    },
+    "expert_aux_mlp": dict(router="expert", aux_router=True, router_arch="mlp"),
+    "token": dict(router="token"),
+    "token_share": dict(router="token", kv_mode="share", router_activation="softmax"),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOP_MODELS))
+def test_executed_flops_match_flop_counter(name):
+    """Linear FLOPs equal FlopCounterMode's count exactly. Attention: the math kernel multiplies every
+    (query, key) pair of each step, the convention counts causal pairs only."""
+    model = tiny_model(**FLOP_MODELS[name])
+    a = model.args
+    b, t = 3, 48
+    mm, bmm, out = _counted(model, torch.randint(0, 97, (b, t)))
+    # Rows each recursion step runs per sequence: static top-k; token choice pads to a bucket.
+    rows = [t] * a.num_recursions if a.router != "expert" else a.tokens_per_step(t)
+    load = None
+    if a.router == "token":
+        busiest = [int((out.depth > r).sum(1).max()) for r in range(a.num_recursions)]
+        rows = [t] + [bucket_size(n, t) for n in busiest[1:]]
+        load = [rows[i] - (rows[i + 1] if i + 1 < len(rows) else 0) for i in range(len(rows))]
+    count = executed_flops(a, t, load)
+    assert count.linear * b * t == mm
+    pair = 3 * 4 * a.n_heads * a.head_dim  # QK^T and AV, forward + backward
+    steps = [(n, rows[0] if a.kv_mode == "share" and r else n) for r, n in enumerate(rows)]
+    edges = [(t, t)] * 2 if a.middle else []
+    square = sum(n_q * n_k for n_q, n_k in edges) + a.num_shared * sum(n_q * n_k for n_q, n_k in steps)
+    assert bmm == pair * b * square
+    causal = sum(n * (n + 1) / 2 for n, _ in edges) + a.num_shared * sum(
+        n_q * (n_q + 1) / 2 if n_q == n_k else n_q * (n_k + 1) / 2 for n_q, n_k in steps
+    )
+    assert count.attention * t == pytest.approx(pair * causal)
+
+
+def test_flops_cli_and_isoflop_plan_round_alike():
+    """One rounding rule: tools/flops.py, `isoflop plan` and the README give the same step counts."""
+    cfg = load_config(ROOT / "train_configs/mor_360m.toml", ["--training.global_batch_size=1024"])
+    (run,) = plan_config(cfg, "mor_360m.toml", [16.5e18])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools/flops.py"), str(ROOT / "train_configs/mor_360m.toml"), "--budget=16.5e18"]
+        + ["--global-batch-tokens", str(1024 * 2048), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["steps"] == run.steps == 14161
+    assert "14,161 for MoR Nr=3" in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -90,6 +178,13 @@ def write(tmp_path, text):
         ("", ["--training.stepz=3"], "unknown key training.stepz"),
         ("", ["--optimizer.lr=-1"], "optimizer.lr"),
         ("", ["--parallelism.activation_checkpoint=most"], "parallelism.activation_checkpoint must be one of"),
+        ("", ["--training.seed=-1"], r"training.seed must be >= 0, got -1"),
+        ("[optimizer]\ngrad_clip = -1.0\n", [], r"optimizer.grad_clip must be >= 0"),
+        ("", ["--optimizer.lr=inf"], "optimizer.lr must be a finite number, got inf"),
+        ("[optimizer]\nlr = nan\n", [], "optimizer.lr must be a finite number, got nan"),
+        ("[model]\nrouter_alpha = -inf\n", [], "model.router_alpha must be a finite number"),
+        ("[data]\nsources = ['a', 'b']\nweights = [nan, 1.0]\n", [], r"data.weights\[0\] must be a finite number"),
+        ("[data]\nsources = ['a', 'b']\nweights = [-1.0, 2.0]\n", [], "data.weights must all be finite numbers > 0"),
     ],
 )
 def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):
@@ -97,6 +192,20 @@ def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(p, overrides)
     assert str(p) in str(e.value)
+
+
+def test_sections_built_in_code_refuse_non_finite_values():
+    with pytest.raises(ConfigError, match=r"data.weights must all be finite numbers > 0, got \[nan, 1.0\]"):
+        DataConfig(sources=["a", "b"], weights=[math.nan, 1.0]).validate()
+    with pytest.raises(ConfigError, match="optimizer.lr must be a finite number > 0, got inf"):
+        OptimizerConfig(lr=math.inf).validate()
+
+
+def test_config_path_that_is_a_directory_or_missing_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path / 'nope.toml'}"):
+        load_config(tmp_path / "nope.toml")
 
 
 def test_overrides_beat_file_and_round_trip(tmp_path):
@@ -126,5 +235,5 @@ def test_flops_cli_json():
     )
     d = json.loads(out.stdout)
     assert d["paper_flops_per_token"] / 1e6 == pytest.approx(555.6, abs=0.05)
-    assert d["steps"] == int(16.5e18 / d["paper_flops_per_token"] // (1024 * 2048))
+    assert d["steps"] == round(16.5e18 / round(d["paper_flops_per_token"], -5) / (1024 * 2048))
     assert d["executed_flops_per_token"] > 3 * d["paper_flops_per_token"]

@@ -47,7 +47,7 @@ def test_dcp_to_export_and_back(tmp_path):
     ckpt = write_run_checkpoint(tmp_path / "run", model)
     out = dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False)
     loaded, meta = load_exported(out)
-    assert meta["model"]["capacities"] == [1.0, 0.5, 0.25] and meta["tokenizer"] == "default"
+    assert meta["model"]["capacities"] == [1.0, 0.5, 0.25] and meta["tokenizer_source"] == "default"
     x = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     back = export_to_dcp(out, tmp_path / "run" / "checkpoints" / "step-00000009")

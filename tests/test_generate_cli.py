@@ -49,7 +49,7 @@ def cli(*argv):
 
 def expected(export_dir, prompts, **kw):
     model, meta = load_exported(export_dir)
-    sp = spm.SentencePieceProcessor(model_file=meta["tokenizer"])
+    sp = spm.SentencePieceProcessor(model_file=str(export_dir / meta["tokenizer"]))  # the copy beside the weights
     ctl = kw.pop("ctl", DepthControl())
     cfg = SamplingConfig(eos_ids=[sp.eos_id()], **kw)
     ids = [sp.encode(p) for p in prompts]
@@ -99,7 +99,7 @@ def test_cli_errors_name_the_problem(export_dir, tmp_path, capsys):
     assert cli(export_dir) == 2
     assert "no prompt" in capsys.readouterr().err
     assert cli(tmp_path, "--prompt", "x") == 2
-    assert "not an export folder" in capsys.readouterr().err
+    assert "neither an export folder" in capsys.readouterr().err
     assert cli(export_dir, "--prompt", "x", "--threshold", 1.5) == 2
     assert "threshold" in capsys.readouterr().err
     assert cli(export_dir, "--prompt", "the " * 80) == 2
@@ -118,3 +118,55 @@ def test_cli_runs_as_a_script(export_dir):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("the") and "tokens/s" in res.stderr
+
+
+def test_stop_strings_take_backslash_escapes():
+    args = load_cli().parse_args(["x", "--stop", "\\n\\n", "--stop", "caf\\u00e9 é\\t"])
+    assert args.stop == ["\n\n", "café é\t"]
+
+
+def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_path, capsys):
+    """Everything tools/eval.py takes: a run folder (latest complete checkpoint), a DCP folder, a BPE export."""
+    import torch.distributed.checkpoint as dcp
+
+    from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+
+    model, meta = load_exported(export_dir)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step-00000002"
+    cfg = JobConfig(model=model.args, training=TrainingConfig(seq_len=16))
+    cfg.data.tokenizer = meta["tokenizer_source"]
+    run.mkdir()
+    (run / "config.toml").write_text(dump_toml(cfg))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
+    (ckpt / "COMPLETE").write_text("2\n")
+    _, texts = expected(export_dir, ["the router"], max_new_tokens=5)
+    for src in (run, ckpt):
+        assert cli(src, "--prompt", "the router", "--max-new-tokens", 5, "--json") == 0
+        assert json.loads(capsys.readouterr().out)["completions"][0]["text"] == texts[0]
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    t.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    t.save(str(tmp_path / "bpe.json"))
+    bpe_model = tiny_model(init_std=0.1, vocab_size=t.get_vocab_size())
+    bpe = save_exported(
+        tmp_path / "bpe",
+        bpe_model.args,
+        bpe_model.state_dict(),
+        dtype=None,
+        extra={"tokenizer": str(tmp_path / "bpe.json")},
+    )
+    assert cli(bpe, "--prompt", "the router", "--max-new-tokens", 4, "--json") == 0
+    got = json.loads(capsys.readouterr().out)["completions"][0]
+    prompt = t.encode("the router").ids
+    eos = t.token_to_id("<|endoftext|>")
+    want = generate(bpe_model.eval(), [prompt], SamplingConfig(max_new_tokens=4, eos_ids=[eos])).tokens[0]
+    assert got["tokens"] == want and got["text"] == t.decode(prompt + want)[len("the router") :]

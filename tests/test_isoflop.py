@@ -158,7 +158,7 @@ def test_plan_cli_prints_and_writes(tmp_path, capsys):
         *batch,
         "--run-root",
         runs,
-        "--write",
+        "--out",
         plan_dir,
         "--checkpoint.keep_latest=3",
     )
@@ -180,11 +180,13 @@ def test_plan_cli_prints_and_writes(tmp_path, capsys):
 # reporting, on run folders written the way the trainer and the evaluator write them
 
 
-def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_per_step=1024, last_step=None):
+def fake_run(
+    root, name, config, vals, evals=None, flops_per_step=1e12, tokens_per_step=1024, last_step=None, topk_gap=0.0
+):
     """A run folder with config.toml, real TensorBoard event files and optional eval JSON.
 
-    vals: {step: val_loss}; train/loss and the progress counters are logged every step up to last_step
-    (default: the last validation)."""
+    vals: {step: causal val loss}; the top-k loss is topk_gap lower. train/loss and the progress counters
+    are logged every step up to last_step (default: the last validation)."""
     from torch.utils.tensorboard import SummaryWriter
 
     run = Path(root) / name
@@ -199,7 +201,8 @@ def fake_run(root, name, config, vals, evals=None, flops_per_step=1e12, tokens_p
             w.add_scalar("progress/flops_paper", step * flops_per_step, step)
             w.add_scalar("progress/tokens", step * tokens_per_step, step)
         if step in vals:
-            w.add_scalar("val/loss", vals[step], step)
+            w.add_scalar("val/loss_causal", vals[step], step)
+            w.add_scalar("val/loss_topk", vals[step] - topk_gap, step)
     w.close()
     if evals is not None:
         (run / "eval").mkdir()
@@ -224,12 +227,15 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
         evals=[("piqa", "topk", "acc", 0.7), ("piqa", "causal", "acc", 0.65), ("lambada", "topk", "ppl", 30.0)],
         flops_per_step=7e11,
         last_step=12,
+        topk_gap=0.25,
     )
     short = fake_run(tmp_path, "van_short", "debug_vanilla", {3: 6.5})
     table, results = write_report([van, mor, short], tmp_path / "out")
     r = {x.name: x for x in results}
-    assert r["van"].val_loss == pytest.approx(5.5) and r["mor"].val_loss == pytest.approx(5.25)
-    assert r["van"].curve.steps == [5, 9] and r["van"].curve.val_loss == pytest.approx([6.0, 5.5])
+    assert r["van"].val_loss_causal == pytest.approx(5.5) and r["mor"].val_loss_causal == pytest.approx(5.25)
+    assert r["van"].val_loss_topk == pytest.approx(5.5) and r["mor"].val_loss_topk == pytest.approx(5.0)
+    assert r["van"].curve.steps == [5, 9] and r["van"].curve.val_loss_causal == pytest.approx([6.0, 5.5])
+    assert r["mor"].curve.val_loss_topk == pytest.approx([5.65, 5.0])
     # Step 5 lies between counters logged at 4 and 6: interpolated.
     assert r["van"].curve.flops == pytest.approx([5e12, 9e12]) and r["mor"].flops == pytest.approx(12 * 7e11)
     assert r["van"].tokens == 9 * 1024 and r["van"].train_loss == pytest.approx(10.0 - 0.9)
@@ -240,9 +246,10 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
     assert r["van"].params > r["mor"].params > 0  # the recursive model shares its middle layers
     lines = table.splitlines()
     assert "eval acc (causal)" in lines[0] and "eval acc (topk)" in lines[0]
+    assert "| val loss (causal) | val loss (top-k) |" in lines[0]
     row = next(line for line in lines if line.startswith("| mor |"))
-    assert "| 5.2500 (step 10) |" in row and "70.0%" in row and "65.0%" in row
-    assert "| 5.5000 |" in next(line for line in lines if line.startswith("| van |"))
+    assert "| 5.2500 (step 10) | 5.0000 |" in row and "70.0%" in row and "65.0%" in row
+    assert "| 5.5000 | 5.5000 |" in next(line for line in lines if line.startswith("| van |"))
     assert (tmp_path / "out/results.md").read_text().strip() == table
     assert json.loads((tmp_path / "out/results.json").read_text())[0]["name"] == "van"
     import matplotlib.image

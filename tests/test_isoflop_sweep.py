@@ -93,7 +93,8 @@ def test_two_run_sweep_from_plan_to_report(tmp_path):
         res = by_name[r.name]
         assert res.step == r.steps and res.tokens == r.tokens
         assert res.flops == pytest.approx(r.steps * 256 * paper_flops_per_token(configs[r.source].model, 64))
-        assert res.val_loss is not None and 0 < res.val_loss < 12  # below ln(32k) + a margin: it learned something
+        assert res.val_loss_causal is not None and 0 < res.val_loss_causal < 12  # below ln(32k) + a margin
+        assert res.val_loss_topk is not None and 0 < res.val_loss_topk < 12
         assert res.curve.steps == sorted({*range(3, r.steps + 1, 3), r.steps})  # every 3 steps and the last
         assert f"| {r.name} | {r.family} |" in table
     for png in ("val_loss_vs_flops.png", "val_loss_vs_tokens.png"):

@@ -5,7 +5,9 @@ plain MoRModel trained in this process on the whole global batch in one forward.
 from __future__ import annotations
 
 import datetime
+import math
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -273,3 +275,202 @@ def test_shared_stack_collectives_do_not_grow_with_recursions(tmp_path):
     assert ours == {2: (7, 4), 3: (7, 4), 4: (7, 4)}
     # The naive wrapping's count grows with Nr: this is what the test would catch.
     assert naive[2][0] < naive[3][0] < naive[4][0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every scalar the trainer writes is a property of the global batch, not of the layout
+
+
+class GlobalBatchLoader:
+    """A stand-in for build_dataloader: rank r of W takes the r-th contiguous share of each fixed global
+    batch, in micro-batches, so every layout trains (and validates) on the same global batches."""
+
+    def __init__(
+        self, split: str, dp_rank: int, dp_world: int, micro: int, global_batch: int, steps: int, delay: float = 0.0
+    ):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        self.tokens = torch.randint(0, 96, (steps, global_batch, SEQ + 1), generator=g)
+        self.labels = self.tokens[..., 1:].clone()
+        for b in range(global_batch):
+            self.labels[:, b, : 3 * b] = IGNORE  # unequal scored tokens per sequence
+        per_rank = global_batch // dp_world
+        self.rows = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        self.micro, self.delay = micro, delay
+
+    def __iter__(self):
+        for step in range(len(self.tokens)):
+            for i in range(self.rows.start, self.rows.stop, self.micro):
+                time.sleep(self.delay)  # a slow loader, for the data-time figures
+                yield {
+                    "input": self.tokens[step, i : i + self.micro, :-1],
+                    "labels": self.labels[step, i : i + self.micro],
+                }
+
+    def __len__(self) -> int:
+        return len(self.tokens) * len(range(self.rows.start, self.rows.stop, self.micro))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+# Scalars that describe one rank or the machine, not the global batch: time and throughput depend on
+# the layout by nature, memory is per process, the max loss over ranks is a per-rank loss (on one rank
+# it is the global loss), and the checkpoint stall is a time.
+PER_RANK_TAGS = {
+    "perf/tokens_per_s",
+    "perf/step_time_s",
+    "perf/data_time_s",
+    "perf/data_share",
+    "perf/tflops_per_device",
+    "perf/val_time_s",
+    "mem/max_rss_gib",
+    "mem/max_rss_share",
+    "train/lm_loss_max_rank",
+    "checkpoint/stall_s",
+}
+LOADER_DELAY_S = 0.05  # per train micro-batch
+LAYOUTS = {  # world size, micro-batch, parallelism: 4 sequences per step, split three ways
+    "1 rank": (1, 2, {}),
+    "dp2": (2, 1, {}),
+    "dp2 x tp2": (4, 2, {"tp": 2, "dp_shard": 2}),
+}
+
+
+def _train_layouts(out: Path, micro: int, par: dict) -> None:
+    import mor_pretrain.trainer as trainer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for i, variant in enumerate(("expert", "token")):
+        if i:  # train() leaves the process group at its end; join a fresh one for the next run
+            dist.init_process_group(
+                "gloo", init_method=f"file://{out}/rendezvous-{variant}", rank=rank, world_size=world
+            )
+        cfg = make_cfg(variant, micro=micro, **par)
+        cfg.name, cfg.run_root = variant, str(out)
+        cfg.training.steps, cfg.training.val_interval, cfg.training.device = 2, 1, "cpu"
+        cfg.training.val_batches = 1  # one global batch: the same 4 val sequences on every layout
+        cfg.metrics.log_interval = 1
+
+        def loader(data, split, dp_world, seed, seq_len, micro_batch_size, dp_rank, val_windows=0):
+            delay = LOADER_DELAY_S if split == "train" else 0.0
+            steps = 8 if split == "train" else val_windows // GLOBAL_BATCH
+            return GlobalBatchLoader(split, dp_rank, dp_world, micro_batch_size, GLOBAL_BATCH, steps, delay)
+
+        trainer.build_dataloader = loader
+        trainer.size_vocabulary = lambda cfg: None  # the stand-in data has no tokenizer: ids < vocab_size
+        trainer.train(cfg)
+
+
+def _spawned_train(rank: int, world: int, init: str, out: Path, micro: int, par: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    _train_layouts(out, micro, par)
+
+
+@pytest.mark.slow  # 7 processes in three launches, two runs each: about a minute on 2 cores
+def test_every_logged_scalar_is_the_same_on_any_layout(tmp_path):
+    """The same global batches on 1 rank (2 micro-batches), 2 ranks (2 each) and dp2 x tp2 (1 each): the
+    TensorBoard scalars the trainer writes (losses, aux losses, routing statistics, grad norm, validation,
+    counters) agree within fp32 noise, for expert and token choice. Only per-rank figures may differ."""
+    from mor_pretrain.isoflop import read_scalars
+
+    logged = {}
+    for name, (world, micro, par) in LAYOUTS.items():
+        out = tmp_path / name.replace(" ", "")
+        out.mkdir()
+        init = f"file://{out}/rendezvous-{uuid.uuid4().hex}"
+        spawn_workers(_spawned_train, world, world, init, out, micro, par)
+        logged[name] = {v: read_scalars(out / v / "tb") for v in ("expert", "token")}
+    ref = logged["1 rank"]
+    for name, (world, micro, par) in LAYOUTS.items():
+        for variant, tb in logged[name].items():
+            check_per_rank_figures(tb, world, micro, world // par.get("tp", 1), variant)
+    for variant in ("expert", "token"):
+        tags = set(ref[variant])
+        assert {"routing/mean_depth", "routing/tokens_per_depth/1", "val/loss_causal", "train/grad_norm"} <= tags
+        assert ("routing/maxvio" in tags) == (variant == "token") and ("routing/sampling_acc" in tags) == (
+            variant == "expert"
+        )
+        for name, got in logged.items():
+            assert set(got[variant]) == tags, (name, variant, set(got[variant]) ^ tags)
+            for tag in sorted(tags - PER_RANK_TAGS):
+                assert got[variant][tag].keys() == ref[variant][tag].keys(), (name, variant, tag)
+                for step, value in ref[variant][tag].items():
+                    assert got[variant][tag][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (
+                        name,
+                        variant,
+                        tag,
+                        step,
+                    )
+
+
+def check_per_rank_figures(tb: dict, world: int, micro: int, dp: int, variant: str) -> None:
+    """Data time, achieved FLOP/s, memory share and the max loss over ranks, against their definitions."""
+    from mor_pretrain.flops import executed_flops_per_token
+    from mor_pretrain.metrics import physical_memory
+
+    accum = GLOBAL_BATCH // (micro * dp)
+    fpt = executed_flops_per_token(make_cfg(variant).model, SEQ)
+    done = 0.0
+    for step, step_s in tb["perf/step_time_s"].items():  # log_interval = 1: one step per window
+        assert tb["perf/data_time_s"][step] >= accum * LOADER_DELAY_S and tb["perf/val_time_s"][step] > 0
+        assert tb["perf/data_share"][step] == pytest.approx(tb["perf/data_time_s"][step] / step_s, rel=1e-5)
+        step_flops, done = tb["progress/flops_executed"][step] - done, tb["progress/flops_executed"][step]
+        if variant == "expert":  # static capacities; token choice counts the depths each step routed
+            assert step_flops == pytest.approx(fpt * GLOBAL_BATCH * SEQ, rel=1e-6)
+        tflops = step_flops / (step_s * world) / 1e12
+        assert tb["perf/tflops_per_device"][step] == pytest.approx(tflops, rel=1e-4)
+        share = tb["mem/max_rss_gib"][step] * 2**30 / physical_memory()
+        assert tb["mem/max_rss_share"][step] == pytest.approx(share, rel=1e-5)
+        top, lm = tb["train/lm_loss_max_rank"][step], tb["train/lm_loss"][step]
+        assert top == pytest.approx(lm, rel=1e-6) if dp == 1 else top > lm  # ranks' halves differ
+
+
+def strong_gates(cfg: JobConfig) -> JobConfig:
+    cfg.model.router_alpha = 1.0  # at init, routing then changes the loss visibly
+    return cfg
+
+
+def _validate_both_modes() -> dict[str, dict[str, float]]:
+    from mor_pretrain.trainer import validate
+
+    out = {}
+    for variant in ("expert", "token"):
+        cfg = strong_gates(make_cfg(variant))
+        mesh = build_mesh(cfg.parallelism, "cpu")
+        dp_rank, dp_world = dp_coordinates(mesh)
+        par = Parallel(torch.device("cpu"), mesh, dp_rank, dp_world, 1)
+        model = build_model(cfg, mesh, par.device)
+        out[variant] = validate(model, GlobalBatchLoader("val", dp_rank, dp_world, 1, GLOBAL_BATCH), 2, par)
+    return out
+
+
+def test_validation_logs_the_causal_and_the_topk_loss(tmp_path):
+    """On 2 ranks, val/loss_causal and val/loss_topk equal one process's token-weighted loss over the
+    same 4 sequences in each routing mode; token choice routes the same way in both."""
+    got = spawn(2, tmp_path, _validate_both_modes)[0]
+    loader = GlobalBatchLoader("val", 0, 1, GLOBAL_BATCH, GLOBAL_BATCH)
+    batch = next(iter(loader))
+    for variant in ("expert", "token"):
+        cfg = strong_gates(make_cfg(variant))
+        torch.manual_seed(cfg.training.seed)
+        model = MoRModel(cfg.model)
+        model.init_weights()
+        ref = {}
+        for mode in ("causal", "topk"):
+            with torch.no_grad():
+                logits = model(batch["input"], routing=mode).logits
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+            ref[mode] = ce.item() / (batch["labels"] != IGNORE).sum().item()
+            assert got[variant][f"val/loss_{mode}"] == pytest.approx(ref[mode], rel=1e-6), (variant, mode)
+            assert got[variant][f"val/ppl_{mode}"] == pytest.approx(math.exp(ref[mode]), rel=1e-5)
+        if variant == "expert":
+            assert abs(ref["topk"] - ref["causal"]) > 20e-6 * ref["topk"]  # the modes differ beyond the tolerance
+        else:
+            assert got[variant]["val/loss_topk"] == got[variant]["val/loss_causal"]

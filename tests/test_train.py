@@ -32,9 +32,11 @@ def write_corpus(root: Path) -> Path:
     return train_bpe(docs, root / "tok", 320, byte_fallback=True)
 
 
-def run_train(tmp_path: Path, *overrides: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(
+    tmp_path: Path, *overrides: str, nproc: int = 2, timeout: int = 300, config: str = "debug_mor"
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["train.py", "--config", "train_configs/debug_mor.toml", f"--run_root={tmp_path / 'runs'}", *overrides]
+    cmd += ["train.py", "--config", f"train_configs/{config}.toml", f"--run_root={tmp_path / 'runs'}", *overrides]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -71,28 +73,38 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
         "train/lr",
         "perf/tokens_per_s",
         "perf/step_time_s",
+        "perf/data_time_s",
+        "perf/data_share",
+        "perf/tflops_per_device",
+        "perf/val_time_s",
         "mem/max_rss_gib",
+        "mem/max_rss_share",
+        "train/lm_loss_max_rank",
         "routing/mean_depth",
         "routing/tokens_per_depth/3",
         "progress/tokens",
         "progress/flops_paper",
         "progress/flops_executed",
-        "val/loss",
-        "val/ppl",
+        "val/loss_causal",
+        "val/loss_topk",
+        "val/ppl_causal",
+        "val/ppl_topk",
     ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert "perf/mfu" not in tags  # CPU has no known peak: no MFU rather than a made-up one
     loss = [e.value for e in ea.Scalars("train/loss")]
     assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]
     assert loss[-1] < loss[0] - 1.0, loss
-    val = [e.value for e in ea.Scalars("val/loss")]
+    val = [e.value for e in ea.Scalars("val/loss_causal")]
     assert len(val) == 2 and val[1] < val[0]
+    assert [e.step for e in ea.Scalars("val/loss_topk")] == [15, 30]  # on the training step axis
     tokens = [e.value for e in ea.Scalars("progress/tokens")]
     assert tokens[-1] == 30 * 8 * 64  # steps x global batch x seq_len
     cfg = load_config(run / "config.toml")
     assert cfg.model.vocab_size == 320 and cfg.training.steps == 30  # 320 pieces: already a multiple of 64
     model, meta = load_exported(run / "export")
-    assert meta["tokenizer"] == str(tok) and model.args.num_recursions == 3
+    assert (meta["tokenizer"], meta["tokenizer_source"]) == ("tokenizer.model", str(tok))  # copied beside the weights
+    assert model.args.num_recursions == 3
 
 
 def test_train_py_rejects_an_unknown_override(tmp_path):
@@ -105,3 +117,47 @@ def test_train_py_rejects_an_unknown_override(tmp_path):
     )
     assert proc.returncode != 0
     assert "training.stepz" in proc.stderr and "debug_mor.toml" in proc.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two short torchrun launches and a report: about 40 s on 2 cores
+def test_isoflop_report_shows_both_validation_losses_of_real_runs(tmp_path):
+    """A 2-rank debug MoR run and a debug vanilla run, then `tools/isoflop.py report` over them: the table
+    holds each run's causal and top-k validation loss as read back from its TensorBoard files."""
+    from mor_pretrain.isoflop import read_scalars
+
+    tok = write_corpus(tmp_path / "data")
+    data = [
+        f"--data.sources=['{tmp_path}/data/train/*.jsonl']",
+        f"--data.val_sources=['{tmp_path}/data/val/*.jsonl']",
+        f"--data.tokenizer={tok}",
+        "--data.lanes=4",
+        "--training.steps=4",
+        "--training.seq_len=32",
+        "--training.val_interval=2",
+        "--training.val_batches=1",
+        "--metrics.log_interval=2",
+    ]
+    for config, nproc in (("debug_mor", 2), ("debug_vanilla", 1)):
+        proc = run_train(tmp_path, *data, nproc=nproc, config=config)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [tmp_path / "runs" / name for name in ("debug_mor", "debug_vanilla")]
+    report = subprocess.run(
+        [sys.executable, "tools/isoflop.py", "report", *map(str, runs)],
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for run in runs:
+        tb = read_scalars(run / "tb")
+        assert sorted(tb["val/loss_causal"]) == [2, 4] and set(tb["val/loss_causal"]) <= set(tb["train/loss"])
+        row = next(line for line in lines if line.startswith(f"| {run.name} |"))
+        cells = dict(zip(head, (c.strip() for c in row.strip("|").split("|")), strict=True))
+        causal, topk = tb["val/loss_causal"][4], tb["val/loss_topk"][4]
+        assert cells["val loss (causal)"] == f"{causal:.4f}" and cells["val loss (top-k)"] == f"{topk:.4f}"
+        assert (causal != topk) == (run.name == "debug_mor")  # expert choice: top-k sees future tokens

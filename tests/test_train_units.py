@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_model
 
 from mor_pretrain.config import ConfigError, JobConfig, OptimizerConfig, ParallelismConfig, TrainingConfig
-from mor_pretrain.metrics import peak_flops, reduce_scalars, routing_scalars
+from mor_pretrain.metrics import count_fractions, memory_stats, peak_flops, physical_memory, reduce_scalars
 from mor_pretrain.optim import clip_grad_norm, grad_norm, lr_factor, param_groups
 from mor_pretrain.parallel import apply_ac, apply_compile, mesh_shape
 from mor_pretrain.trainer import TrainState, grad_accumulation
@@ -97,17 +99,61 @@ def test_peak_table_override_and_unknown_device(caplog):
     assert "MFU is not reported" in caplog.text
 
 
-def test_reduce_and_routing_scalars_without_a_process_group():
-    stats = {"mean_depth": torch.tensor(2.5), "tokens_per_depth": torch.tensor([0, 1, 3])}
-    flat = routing_scalars(stats)
-    assert set(flat) == {
-        "routing/mean_depth",
-        "routing/tokens_per_depth/0",
-        "routing/tokens_per_depth/1",
-        "routing/tokens_per_depth/2",
+def test_count_fractions_and_the_global_maxvio():
+    counts = {"count/tokens_per_depth/1": 1.0, "count/tokens_per_depth/0": 0.0, "count/tokens_per_depth/2": 3.0}
+    counts |= {f"count/tc_load/{i}": x for i, x in enumerate([6.0, 2.0, 0.0, 4.0])}
+    got = count_fractions(counts)
+    assert got == {
+        "routing/tokens_per_depth/0": 0.0,
+        "routing/tokens_per_depth/1": 0.25,
+        "routing/tokens_per_depth/2": 0.75,
+        "routing/maxvio": pytest.approx(6 / 3 - 1),  # max load over the mean load of 3
     }
-    values = reduce_scalars(flat)
-    assert values["routing/tokens_per_depth/2"] == pytest.approx(0.75)
+
+
+def test_reduce_scalars_without_a_process_group():
+    got = reduce_scalars({"a": torch.tensor(2.5)}, {"b": torch.tensor([4.0])}, replicas=2)
+    assert got == {"a": 2.5, "b": 4.0}
+
+
+def test_cpu_memory_is_peak_rss_and_its_share_of_physical_memory():
+    got = memory_stats(torch.device("cpu"))
+    assert set(got) == {"max_rss_gib", "max_rss_share"}
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():  # Linux: sysconf's physical pages are MemTotal
+        total_kib = int(
+            next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")).split()[1]
+        )
+        assert physical_memory() == total_kib * 1024
+    assert got["max_rss_share"] == pytest.approx(got["max_rss_gib"] * 2**30 / physical_memory())
+    assert 0 < got["max_rss_share"] < 1
+
+
+def test_cuda_memory_reports_share_retries_and_ooms(monkeypatch):
+    """The CUDA path against a stand-in allocator (the gpu test below checks a real device)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: {"num_alloc_retries": 3, "num_ooms": 1})
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 40 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
+    got = memory_stats(torch.device("cuda", 0))
+    assert got == {
+        "max_allocated_gib": 30.0,
+        "max_reserved_gib": 40.0,
+        "max_reserved_share": 0.5,
+        "alloc_retries": 3.0,
+        "ooms": 1.0,
+    }
+
+
+@pytest.mark.gpu
+def test_cuda_memory_on_a_real_device():
+    device = torch.device("cuda", 0)
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    got = memory_stats(device)
+    del x
+    assert got["max_allocated_gib"] >= 0.25 and 0 < got["max_reserved_share"] <= 1
+    assert got["alloc_retries"] >= 0 and got["ooms"] >= 0
 
 
 def test_train_state_round_trip():
@@ -121,7 +167,8 @@ def _grads_and_aux(model, tokens, labels):
     out = model(tokens, labels, return_logits=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, grads, out.depth
+    losses = {**out.aux_losses, **out.side_losses}
+    return out.loss.detach(), {k: v.detach() for k, v in losses.items()}, grads, out.depth
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -167,3 +214,29 @@ def test_regional_compile_matches_eager_and_stops_recompiling():
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0, "nothing was compiled"
     assert graphs[1] == graphs[2] == graphs[3], f"recompiled after the first steps: {graphs}"
+
+
+def test_every_config_validates_at_a_small_share_of_training():
+    """A study's runs must log validation losses (the isoFLOP report reads them), at a cost that stays
+    small: for the paper shapes, under 1% of the training FLOPs on any layout, counting both
+    routing passes of expert choice (its causal pass runs every step at full length)."""
+    from mor_pretrain.config import load_config
+    from mor_pretrain.flops import executed_flops_per_token
+
+    root = Path(__file__).resolve().parents[1] / "train_configs"
+    configs = sorted(root.glob("*.toml"))
+    assert len(configs) >= 14
+    for path in configs:
+        cfg = load_config(path)
+        t, a = cfg.training, cfg.model
+        assert t.val_interval > 0 and t.val_batches >= 1, path.name
+        if path.name.startswith("debug"):
+            continue
+        fwd = executed_flops_per_token(a, t.seq_len) / 3  # forward + backward is 3 forwards
+        if a.router == "expert":
+            full_depth = copy.deepcopy(a)
+            full_depth.router, full_depth.capacities = "none", []
+            fwd += executed_flops_per_token(full_depth, t.seq_len) / 3
+        val = t.val_batches * t.global_batch_size * t.seq_len * fwd
+        train = t.val_interval * t.global_batch_size * t.seq_len * executed_flops_per_token(a, t.seq_len)
+        assert val / train < 0.01, path.name

@@ -29,7 +29,7 @@ def folder_bytes(path: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
+    p.add_argument("config", help="job TOML; --section.key=value overrides follow")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     args, overrides = p.parse_known_args()
     cfg = load_config(args.config, overrides)

@@ -1,6 +1,6 @@
 """Generation throughput of vanilla vs MoR (expert choice, Nr = 2, 3, 4) with depth-wise batching.
 
-python tools/bench_generate.py --shape 360m --batch 32 --max-batch [--device cuda --dtype bfloat16]
+python tools/bench_generate.py --shape 360m --batch 32 --max-batch [--device cuda --dtype bf16]
 python tools/bench_generate.py --shape small --batch 32 --new-tokens 32   # CPU ratio at small scale
 
 Random weights. Every model is served by the same engine (mor_pretrain.serving.DepthBatchEngine; for
@@ -23,13 +23,15 @@ import time
 
 import torch
 
+from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import SamplingConfig
 from mor_pretrain.models import ModelArgs, MoRModel
 from mor_pretrain.serving import DepthBatchEngine
 
 # (d_model, n_heads, n_kv_heads, d_ffn, vocab): 360m is the paper's (MOR_FACTS s1); small keeps its
-# proportions (head_dim 64, d_ffn / d_model, LM head share of the FLOPs) at 2/5 of the width.
-SHAPES = {"360m": (960, 15, 5, 2560, 49152), "small": (384, 6, 2, 1024, 16384)}
+# proportions (head_dim 64, d_ffn / d_model, LM head share of the FLOPs) at 2/5 of the width; tiny only
+# exercises the code path (scripts/gpu_check.sh --cpu).
+SHAPES = {"360m": (960, 15, 5, 2560, 49152), "small": (384, 6, 2, 1024, 16384), "tiny": (64, 4, 2, 128, 512)}
 # Applied layers: vanilla 32; MoR middle-cycle 1 + base x Nr + 1 (MOR_FACTS s1).
 KINDS = {"vanilla": (1, 32), "mor2": (2, 32), "mor3": (3, 32), "mor4": (4, 34)}
 
@@ -94,16 +96,19 @@ def measure(model: MoRModel, batch: int, prompt_len: int, new_tokens: int, seed:
     }
 
 
-def max_batch(model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int, slack: float) -> dict | None:
-    """Double the batch until out of memory; the last result that fit."""
+def max_batch(
+    model: MoRModel, start: int, prompt_len: int, new_tokens: int, seed: int, slack: float, limit: int
+) -> dict | None:
+    """Double the batch until out of memory or past `limit` (0 = none); the last result that fit."""
     best, batch = None, start
-    while True:
+    while not limit or batch <= limit:
         try:
             best = measure(model, batch, prompt_len, new_tokens, seed, slack)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return best
         batch *= 2
+    return best
 
 
 def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
@@ -117,22 +122,29 @@ def bench_kind(args: argparse.Namespace, kind: str, dtype: torch.dtype) -> dict:
     row = {"kind": kind, "at_batch": max(runs, key=lambda r: r["tokens_per_s"])}
     if args.max_batch:
         row["at_max_batch"] = max_batch(
-            model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack
+            model, args.batch, args.prompt_len, args.new_tokens, args.seed, args.cache_slack, args.max_batch_limit
         )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="360m")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="360m", help="paper model size")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {list(KINDS)}")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="prompts served at once")
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=0,
+        help="stop doubling past this batch (0 = until out of memory): admissions prefill one request at a "
+        "time, so a measurement at batch B costs about 3 B prefills",
+    )
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights and compute dtype; default: bf16 on GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
     p.add_argument(
         "--cache-slack",
         type=float,
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch and not args.device.startswith("cuda"):
         print("error: --max-batch needs a GPU (a CPU out-of-memory kills the process)", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     torch.manual_seed(args.seed)
     rows = [bench_kind(args, kind, dtype) for kind in kinds]
     base = {key: rows[0].get(key) for key in ("at_batch", "at_max_batch")} if kinds[0] == "vanilla" else {}

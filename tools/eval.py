@@ -1,10 +1,11 @@
 """Evaluate a checkpoint: held-out loss / perplexity and the zero- / few-shot suite.
 
 python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] [--limit N] [--batch-size 8]
-                     [--val-text FILE ...] [--seq-len 512] [--output results.json] [--markdown results.md]
+                     [--val-text FILE ...] [--seq-len 512] [--out results.json] [--markdown results.md]
 
 CHECKPOINT: an export folder, a DCP checkpoint folder or a run folder (its export, else its latest complete
 checkpoint). Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
+Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval).
 By default the JSON goes to <run>/eval/<name>.json when CHECKPOINT lies in a run folder.
 """
 
@@ -18,27 +19,29 @@ from pathlib import Path
 import torch
 
 from mor_pretrain.evaluate import METRICS, TASKS, evaluate, load_for_eval, to_markdown
+from mor_pretrain.export import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="export folder, DCP checkpoint folder or run folder")
     p.add_argument("--tasks", default="all", help=f"comma-separated from {list(TASKS)}; all = the few-shot suite")
     p.add_argument("--shots", type=int, default=0, help="in-context examples (ARC/HellaSwag/PIQA/WinoGrande: 0 or 5)")
-    p.add_argument("--limit", type=int, default=None, help="first N items per task (per subject for MMLU)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="first N items per task (per subject for MMLU); default: all"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--val-text", nargs="*", default=[], help="held-out .txt / .jsonl files for task 'val'")
     p.add_argument("--seq-len", type=int, default=None, help="window for task 'val'; default: model max_seq_len")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--output", default=None, help="JSON results file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
+    p.add_argument("--out", default=None, help="JSON results file (default: <run>/eval/<name>-<shots>shot.json)")
     p.add_argument("--markdown", default=None, help="markdown table file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     tasks = list(METRICS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        model, tok, resolved = load_for_eval(args.checkpoint, args.device, dtype)
+        model, tok, resolved = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
         results = evaluate(
             model,
             tok,
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = {"checkpoint": resolved, "results": results}
-    output = args.output or default_output(Path(resolved), args.shots)
+    output = args.out or default_output(Path(resolved), args.shots)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2) + "\n")
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(md)
     print(md)
     return 0
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out to score every document), got {n}")
+    return n
 
 
 def default_output(resolved: Path, shots: int) -> str | None:

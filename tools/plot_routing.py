@@ -68,9 +68,9 @@ def trace_routing(model: MoRModel, tok: Tokenizer, text: str, routing: str) -> T
         scores = [probs[:, d].cpu().numpy() for d in range(nr)]
     else:
         scores = [torch.sigmoid(c[0].float()).flatten().cpu().numpy() for c in captured]
-        if routing == "causal":  # every position is scored; keep the candidates (tokens that ran step r-1)
-            depth = out.depth[0].cpu().numpy()
-            scores = [s if r == 0 else s[depth >= r] for r, s in enumerate(scores)]
+        # Every position is scored; keep the candidates (the tokens that ran step r-1).
+        depth = out.depth[0].cpu().numpy()
+        scores = [s if r == 0 else s[depth >= r] for r, s in enumerate(scores)]
     # Decode growing prefixes: a token decoded alone loses its leading space under SentencePiece.
     texts = [tok.decode(ids[:n]) for n in range(len(ids) + 1)]
     pieces = [
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="export, DCP checkpoint or run folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text")
-    src.add_argument("--text-file")
-    p.add_argument("--routing", choices=["causal", "topk"], default="causal")
+    src.add_argument("--text", help="passage to route")
+    src.add_argument("--text-file", help="file holding the passage")
+    p.add_argument("--routing", choices=["causal", "topk"], default="causal", help="expert-choice routing mode")
     p.add_argument("--max-tokens", type=int, default=196, help="tokens of the passage to plot")
     p.add_argument("--out", default="routing", help="output prefix")
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ Each source splits into parts (the same byte/row ranges the streaming loader use
 parts in parallel, each into `part-NNNNN.bin` (uint16 when the vocabulary fits, else uint32) with its document
 offsets in `part-NNNNN.idx.npy`. `index.json`, written last, lists the shards: a folder without it is incomplete.
 
-    python tools/pretokenize.py data/corpus/train --output data/tokens/train --workers 2
+    python tools/pretokenize.py data/corpus/train --out data/tokens/train --workers 2
 """
 
 from __future__ import annotations
@@ -121,9 +121,11 @@ def pretokenize(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", help="files, globs or directories")
-    parser.add_argument("--output", required=True, type=Path, help="folder for the shards and index.json")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the shards and index.json")
     parser.add_argument("--tokenizer", default="default", help='SentencePiece .model, or "default"')
-    parser.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
+    parser.add_argument(
+        "--format", default="auto", choices=["auto", "text", "jsonl", "parquet"], help="source format; auto = by suffix"
+    )
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
     parser.add_argument("--doc-separator", default="", help="text files: line that separates documents")
     parser.add_argument("--workers", type=int, default=2, help="tokenizing processes")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pretokenize(
             args.sources,
-            args.output,
+            args.out,
             args.tokenizer,
             args.format,
             args.text_field,

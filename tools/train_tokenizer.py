@@ -1,6 +1,6 @@
 """Train a SentencePiece BPE or unigram tokenizer on text, jsonl or parquet sources.
 
-    python tools/train_tokenizer.py data/corpus/train --output data/tokenizer/corpus8k --vocab-size 8000
+    python tools/train_tokenizer.py data/corpus/train --out data/tokenizer/corpus8k --vocab-size 8000
 
 writes data/tokenizer/corpus8k.model (use it as data.tokenizer) and .vocab. Documents are fed line by line.
 """
@@ -73,20 +73,29 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", help="files, globs or directories")
-    parser.add_argument("--output", required=True, help="model prefix: writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
-    parser.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--doc-separator", default="")
+    parser.add_argument("--out", required=True, help="model prefix: writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="pieces in the model")
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm")
+    parser.add_argument(
+        "--character-coverage", type=float, default=0.9995, help="share of characters the pieces must cover"
+    )
+    parser.add_argument(
+        "--byte-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode unknown characters as bytes",
+    )
+    parser.add_argument(
+        "--format", default="auto", choices=["auto", "text", "jsonl", "parquet"], help="source format; auto = by suffix"
+    )
+    parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+    parser.add_argument("--doc-separator", default="", help="text files: line that separates documents")
     parser.add_argument("--max-sentences", type=int, default=5_000_000, help="lines kept for training")
     args = parser.parse_args(argv)
     try:
         path = train(
             args.sources,
-            args.output,
+            args.out,
             args.vocab_size,
             args.model_type,
             args.character_coverage,

@@ -9,19 +9,25 @@ Lanes are dealt to (rank, worker) slots, so each one reads and tokenizes a disjo
 from its own lanes: a seeded draw picks a source by weight, then it takes the lane of that source it has drawn
 fewest windows from. Every choice depends only on how many windows each lane has given, so the position of the
 whole job is one count per lane, the same on every rank; any rank can compute it for all ranks (loader.py).
+
+Where a lane's reading resumes is its Mark: the count, epoch and index of its current shuffle block and the
+position of that block's first window in the source (document position and token offset inside the document).
+A resumed lane seeks there and re-reads one block at most, however far training got.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mor_pretrain.data.sources import DataError, Skips, Source, iter_texts, iter_token_docs
+from mor_pretrain.data.sources import DataError, Skips, Source, check_readable, iter_docs, iter_token_docs
 from mor_pretrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,6 @@ class Plan:
     dp_rank: int
     dp_world: int
     batch_size: int
-    finite: bool  # one pass over every lane (validation) instead of endless epochs
-    lane_windows: list[int] = field(default_factory=list)  # finite: windows per lane, from a counting pass
 
     @property
     def num_lanes(self) -> int:
@@ -85,32 +89,46 @@ def pick_lane(counts: list[int], owned: list[list[int]], weights: list[float], s
     return min(owned[source], key=lambda lane: (counts[lane], lane))
 
 
-def _doc_tokens(plan: Plan, source: Source, part: int, skips: Skips) -> Iterator[np.ndarray]:
+Start = tuple[int, int, int]  # (file index, document unit, token offset inside the document + its eos)
+Window = tuple[np.ndarray, int, Start]  # (seq_len+1 tokens, real tokens, where the window starts)
+MARK_FIELDS = ("count", "epoch", "block", "file", "unit", "token")  # a Mark, as saved in the loader state
+
+
+def _doc_tokens(plan: Plan, source: Source, part: int, skips: Skips, start: Start | None) -> Iterator[tuple]:
+    at = None if start is None else start[:2]
     if source.format == "tokens":
-        yield from iter_token_docs(source, part, plan.lanes)
+        yield from iter_token_docs(source, part, plan.lanes, at)
     else:
-        for text in iter_texts(source, part, plan.lanes, skips):
-            yield np.asarray(plan.tokenizer.encode(text), dtype=np.int64)
+        for index, unit, text in iter_docs(source, part, plan.lanes, skips, at):
+            yield index, unit, np.asarray(plan.tokenizer.encode(text), dtype=np.int64)
 
 
-def pass_windows(plan: Plan, lane: int) -> Iterator[tuple[np.ndarray, int]]:
-    """One pass over a lane: (window of seq_len+1 tokens, number of real tokens); only the last is padded."""
+def pass_windows(plan: Plan, lane: int, start: Start | None = None) -> Iterator[Window]:
+    """A pass over a lane, from its beginning or from the window that starts at `start`: windows of
+    seq_len+1 tokens packed from the documents, each followed by eos; only the last is padded."""
     source, part = plan.sources[lane // plan.lanes], lane % plan.lanes
     size = plan.seq_len + 1
     eos = np.array([plan.tokenizer.eos_id], dtype=np.int64)
     skips = Skips()
-    pending = np.empty(0, dtype=np.int64)
-    for doc in _doc_tokens(plan, source, part, skips):
-        tokens = np.concatenate([pending, doc, eos])
+    pending, pending_start = np.empty(0, dtype=np.int64), (0, 0, 0)
+    for index, unit, doc in _doc_tokens(plan, source, part, skips, start):
+        skip = 0
+        if start is not None:  # the first document: its tokens before the window start were drawn already
+            skip, start = start[2], None
+        tokens = np.concatenate([pending, doc, eos])[skip:]
+        lead = len(pending)  # tokens before this document's first one; window i > 0 starts inside it
         full = len(tokens) // size
         for i in range(full):
-            yield tokens[i * size : (i + 1) * size], size
+            at = pending_start if i == 0 and lead > 0 else (index, unit, skip + i * size - lead)
+            yield tokens[i * size : (i + 1) * size], size, at
+        if full or not len(pending):
+            pending_start = (index, unit, skip + full * size - lead)
         pending = tokens[full * size :]
     if skips.counts:
         log.warning("data source %r, lane %d: skipped %s in one pass", source.spec, part, skips.summary())
     if len(pending):
         pad = np.full(size - len(pending), plan.tokenizer.pad_id, dtype=np.int64)
-        yield np.concatenate([pending, pad]), len(pending)
+        yield np.concatenate([pending, pad]), len(pending), pending_start
 
 
 def _block_order(plan: Plan, lane: int, epoch: int, block: int, n: int) -> list[int]:
@@ -119,44 +137,44 @@ def _block_order(plan: Plan, lane: int, epoch: int, block: int, n: int) -> list[
     return np.random.default_rng([plan.seed, lane, epoch, block]).permutation(n).tolist()
 
 
-def lane_stream(plan: Plan, lane: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
-    """The windows of a lane from position `start` on (position = windows already drawn from it).
+def lane_stream(plan: Plan, lane: int, count: int, mark: list[int]) -> Iterator[tuple[np.ndarray, int, list[int]]]:
+    """The windows of a lane after the first `count`, each with the Mark of its block.
 
-    Every pass holds the same windows, so once one pass has been counted a position maps to (epoch, offset)
-    directly: resuming re-reads at most one pass of the lane.
+    `mark` is the Mark of the block holding the lane's last drawn window ([] when none was drawn): the stream
+    seeks to that block's first window, re-reads the block and skips what was drawn of it.
     """
-    position, per_pass = start, 0
+    if mark:
+        base, epoch, block, *at = mark
+        start: Start | None = (at[0], at[1], at[2])
+    elif count:
+        raise DataError(f"lane {lane}: {count} windows drawn but no read position saved for it")
+    else:
+        base, epoch, block, start = 0, 0, 0, None
+    skip = count - base
     while True:
-        epoch, offset = divmod(position, per_pass) if per_pass else (0, position)
-        count = tokens = 0
-        block: list[tuple[np.ndarray, int]] = []
-        windows = pass_windows(plan, lane)
-        while True:
-            window = next(windows, None)
-            if window is not None:
-                block.append(window)
-                tokens += window[1]
-            if len(block) == plan.shuffle_block or (window is None and block):
-                first, count = count, count + len(block)
-                if count > offset:
-                    order = _block_order(plan, lane, epoch, first // plan.shuffle_block, len(block))
-                    for j in order[max(offset - first, 0) :]:
-                        yield block[j]
-                        position += 1
-                block = []
-            if window is None:
-                break
-        _check_pass(plan, lane, count, tokens)
-        if plan.finite:
-            return
-        per_pass = count
+        whole_pass = start is None  # read from its beginning, so its size can be checked
+        windows, n, tokens = pass_windows(plan, lane, start), 0, 0
+        while block_windows := list(islice(windows, plan.shuffle_block)):
+            if skip > len(block_windows):
+                raise DataError(
+                    f"lane {lane}: the saved position ({count} windows drawn, block {block} of epoch {epoch} "
+                    f"from window {base}) lies beyond that block; the data changed since it was saved"
+                )
+            m = [base, epoch, block, *block_windows[0][2]]
+            for j in _block_order(plan, lane, epoch, block, len(block_windows))[skip:]:
+                yield block_windows[j][0], block_windows[j][1], m
+            skip = 0
+            base, block = base + len(block_windows), block + 1
+            n, tokens = n + len(block_windows), tokens + sum(w[1] for w in block_windows)
+        if whole_pass:
+            _check_pass(plan, lane, n, tokens)
+        epoch, block, start = epoch + 1, 0, None
 
 
 def _check_pass(plan: Plan, lane: int, windows: int, tokens: int) -> None:
-    if plan.finite:  # validation: empty lanes are fine; the loader checks the total
-        return
     where = f"data source {plan.sources[lane // plan.lanes].spec!r}, lane {lane % plan.lanes} of {plan.lanes}"
     if windows == 0:
+        check_readable(plan.sources[lane // plan.lanes])
         raise DataError(
             f"{where} holds no document: the source has too few documents (or too few usable ones) "
             f"for data.lanes={plan.lanes}; lower data.lanes or add data"
@@ -178,17 +196,19 @@ def to_sample(window: np.ndarray, real: int) -> dict[str, torch.Tensor]:
 
 
 class PackedDataset(IterableDataset):
-    """Windows for one data-parallel rank, from position `counts` (windows drawn per lane so far).
+    """Training windows for one data-parallel rank, endlessly, from position `counts` (windows drawn per lane
+    so far) and `marks` (where each lane's reading resumes).
 
     Worker slots: batch j of this rank comes from DataLoader worker j mod K, which serves slot
     (first_batch + j) mod K, so a resumed loader hands each batch to the slot that an uninterrupted one would.
+    Each sample carries "position": its lane and the Mark of its block, for the loader's state.
     """
 
-    def __init__(self, plan: Plan, counts: list[int], first_batch: int = 0, val_batches: int = 0):
+    def __init__(self, plan: Plan, counts: list[int], marks: list[list[int]], first_batch: int = 0):
         self.plan = plan
         self.counts = counts
+        self.marks = marks
         self.first_batch = first_batch
-        self.val_batches = val_batches  # finite: batches every worker yields (padding included)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -196,32 +216,62 @@ class PackedDataset(IterableDataset):
         slot = (worker + self.first_batch) % num_slots
         owned = owned_lanes(self.plan, self.plan.dp_rank, slot, num_slots)
         counts = list(self.counts)
-        streams = {lane: lane_stream(self.plan, lane, counts[lane]) for group in owned for lane in group}
-        if self.plan.finite:
-            yield from self._one_pass(streams, counts)
-            return
+        streams = {
+            lane: lane_stream(self.plan, lane, counts[lane], self.marks[lane]) for group in owned for lane in group
+        }
         while True:
             lane = pick_lane(counts, owned, self.plan.weights, self.plan.seed)
             counts[lane] += 1
-            yield to_sample(*next(streams[lane]))
+            window, real, mark = next(streams[lane])
+            yield to_sample(window, real) | {"position": torch.tensor([lane, *mark], dtype=torch.int64)}
 
-    def _one_pass(
-        self, streams: dict[int, Iterator[tuple[np.ndarray, int]]], counts: list[int]
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Every window of the owned lanes once, then fully masked windows up to val_batches batches,
-        so that every rank yields the same number of batches."""
-        emitted = 0
-        live = sorted(streams)
-        while live:
-            lane = min(live, key=lambda lane: (counts[lane], lane))
-            window = next(streams[lane], None)
-            if window is None:
-                live.remove(lane)
-                continue
-            counts[lane] += 1
-            emitted += 1
-            yield to_sample(*window)
-        size = self.plan.seq_len + 1
-        blank = np.full(size, self.plan.tokenizer.pad_id, dtype=np.int64)
-        for _ in range(self.val_batches * self.plan.batch_size - emitted):
+
+def val_quota(plan: Plan, windows: int) -> list[int]:
+    """Validation windows per lane: `windows` spread evenly, the first lanes taking the remainder."""
+    n, extra = divmod(windows, plan.num_lanes)
+    return [n + (lane < extra) for lane in range(plan.num_lanes)]
+
+
+def val_rank_lanes(plan: Plan, rank: int) -> list[int]:
+    """The lanes whose validation windows a rank evaluates (those it reads in training)."""
+    return [lane for lane in range(plan.num_lanes) if lane % plan.lanes % plan.dp_world == rank]
+
+
+class ValidationWindows(IterableDataset):
+    """The validation set: the first val_quota windows of every lane, in packing order, read on demand.
+
+    The set depends only on the data, lanes, seq_len and `windows`, never on the layout: rank r evaluates
+    the lanes it reads in training, and every rank yields the same number of samples (the fullest rank's
+    count), padded with fully masked windows. Nothing is read before iteration, and an iteration reads only
+    the windows it yields.
+    """
+
+    def __init__(self, plan: Plan, windows: int):
+        self.plan = plan
+        self.quota = val_quota(plan, windows)
+        self.samples = max(sum(self.quota[lane] for lane in val_rank_lanes(plan, r)) for r in range(plan.dp_world))
+        self.samples = math.ceil(self.samples / plan.batch_size) * plan.batch_size
+        self._warned = False
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        emitted, short = 0, []
+        for lane in val_rank_lanes(self.plan, self.plan.dp_rank):
+            got = 0
+            for window, real, _ in islice(pass_windows(self.plan, lane), self.quota[lane]):
+                got += 1
+                yield to_sample(window, real)
+            emitted += got
+            if got < self.quota[lane]:
+                short.append(f"lane {lane} gave {got} of {self.quota[lane]}")
+        if short and not self._warned:
+            self._warned = True
+            log.warning(
+                "the validation split holds fewer windows than asked for (%s); the rest is padding",
+                ", ".join(short[:4]) + (", ..." if len(short) > 4 else ""),
+            )
+        blank = np.full(self.plan.seq_len + 1, self.plan.tokenizer.pad_id, dtype=np.int64)
+        for _ in range(self.samples - emitted):
             yield to_sample(blank, 0)

@@ -1,27 +1,31 @@
 """build_dataloader: a StatefulDataLoader of packed windows whose state is the global position of the job.
 
-The state is one count per lane (windows drawn from it so far) plus the number of batches each rank has taken.
-Every rank takes the same number of batches, and every worker's choice of lane is a function of the counts
-(dataset.py), so each rank replays the choices of all ranks and all workers and holds the same state. A
-checkpoint can store any rank's copy; a job resumed with another data-parallel degree, number of workers or
-micro batch size continues every lane exactly where it stopped: no window is skipped or drawn twice.
+The state is one count per lane (windows drawn from it so far), the number of batches each rank has taken,
+and one Mark per lane: where that lane's reading resumes (dataset.py). Every rank takes the same number of
+batches, and every worker's choice of lane is a function of the counts, so each rank replays the choices of
+all ranks and workers to get the counts. Marks come with the batches of the rank that reads the lane; saving
+gathers them from all ranks (one small all-reduce), so every rank holds the same state. A checkpoint can store
+any rank's copy; a job resumed with another data-parallel degree, number of workers or micro batch size
+continues every lane exactly where it stopped, re-reading at most one shuffle block per lane: no window is
+skipped or drawn twice, and the cost of a resume does not grow with training progress.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mor_pretrain.config import DataConfig
-from mor_pretrain.data.dataset import PackedDataset, Plan, owned_lanes, pass_windows, pick_lane
+from mor_pretrain.data.dataset import MARK_FIELDS, PackedDataset, Plan, ValidationWindows, owned_lanes, pick_lane
 from mor_pretrain.data.sources import DataError, Source, open_source, tokens_index
 from mor_pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class PackedLoader(StatefulDataLoader):
@@ -39,18 +43,18 @@ class PackedLoader(StatefulDataLoader):
         self._slots = max(num_workers, 1)
         self._owned = [[owned_lanes(plan, r, s, self._slots) for s in range(self._slots)] for r in range(plan.dp_world)]
         self._counts = [0] * plan.num_lanes  # position at the last fold
+        self._marks: list[list[int]] = [[] for _ in range(plan.num_lanes)]  # where each lane resumes
         self._batches = 0  # batches per rank taken up to the last fold
         self._pending = 0  # batches taken from the current iterator since the last fold
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._plan.finite:  # validation: every iterator is one fresh pass
-            yield from super().__iter__()
-            return
         self._fold()
         ds = self.dataset
         assert isinstance(ds, PackedDataset)
-        ds.counts, ds.first_batch = list(self._counts), self._batches
+        ds.counts, ds.marks, ds.first_batch = list(self._counts), [list(m) for m in self._marks], self._batches
         for batch in super().__iter__():
+            for lane, *mark in batch.pop("position").tolist():
+                self._marks[lane] = mark
             self._pending += 1
             yield batch
 
@@ -65,6 +69,23 @@ class PackedLoader(StatefulDataLoader):
         self._batches += self._pending
         self._pending = 0
 
+    def _gathered_marks(self) -> list[list[int]]:
+        """Every lane's Mark, from the rank that reads it; a collective when several ranks run.
+
+        Without a process group a multi-rank loader knows its own lanes' marks only: its state resumes
+        this rank, and a layout needing another rank's lane refuses it (load_state_dict)."""
+        plan = self._plan
+        if plan.dp_world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [list(m) for m in self._marks]
+        marks = torch.full((plan.num_lanes, len(MARK_FIELDS)), -1, dtype=torch.int64)
+        for lane, mark in enumerate(self._marks):
+            if mark and lane % plan.lanes % plan.dp_world == plan.dp_rank:
+                marks[lane] = torch.tensor(mark)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        marks = marks.to(device)
+        dist.all_reduce(marks, op=dist.ReduceOp.MAX)  # one owner per lane (tensor-parallel peers agree)
+        return [row if row[0] >= 0 else [] for row in marks.tolist()]
+
     def _identity(self) -> dict[str, Any]:
         plan = self._plan
         return {
@@ -76,14 +97,29 @@ class PackedLoader(StatefulDataLoader):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The job's data position: windows drawn per lane and batches per rank (same on every rank)."""
+        """The job's data position: windows drawn per lane, batches per rank and each lane's Mark (fields
+        MARK_FIELDS), the same on every rank. Plain ints and lists, JSON-serializable."""
         self._fold()
-        return {"version": STATE_VERSION, **self._identity(), "counts": list(self._counts), "batches": self._batches}
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "counts": list(self._counts),
+            "batches": self._batches,
+            "marks": self._gathered_marks(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a saved position; the data-parallel degree, workers and batch size may differ."""
-        if state_dict.get("version") != STATE_VERSION:
-            raise DataError(f"dataloader state version {state_dict.get('version')!r}, expected {STATE_VERSION}")
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise DataError(
+                f"dataloader state version {version!r}, expected {STATE_VERSION}"
+                + (
+                    " (version 1 states hold no read positions; restart the data from a fresh loader)"
+                    if version == 1
+                    else ""
+                )
+            )
         for key, now in self._identity().items():
             saved = state_dict.get(key)
             if saved != now:
@@ -91,7 +127,19 @@ class PackedLoader(StatefulDataLoader):
                     f"dataloader state was saved with {key}={saved!r} but this job has {key}={now!r}; "
                     f"the saved position does not apply to this data"
                 )
-        self._counts = [int(c) for c in state_dict["counts"]]
+        counts = [int(c) for c in state_dict["counts"]]
+        marks = [[int(x) for x in m] for m in state_dict["marks"]]
+        plan = self._plan
+        if len(counts) != plan.num_lanes or len(marks) != plan.num_lanes:
+            raise DataError(f"dataloader state holds {len(counts)} lanes, this job has {plan.num_lanes}")
+        for lane in range(plan.num_lanes):
+            mine = lane % plan.lanes % plan.dp_world == plan.dp_rank
+            if mine and counts[lane] and len(marks[lane]) != len(MARK_FIELDS):
+                raise DataError(
+                    f"dataloader state has no read position for lane {lane} ({counts[lane]} windows drawn): it "
+                    "was saved without a process group by a rank that does not read that lane"
+                )
+        self._counts, self._marks = counts, marks
         self._batches = int(state_dict["batches"])
         self._pending = 0
 
@@ -118,24 +166,29 @@ def build_dataloader(
     dp_rank: int,
     dp_world: int,
     seed: int,
-) -> PackedLoader:
+    val_windows: int = 0,
+) -> PackedLoader | DataLoader:
     """Batches {"input", "labels"} of shape (micro_batch_size, seq_len) for one data-parallel rank.
 
-    split "train" repeats epochs forever (shuffled when data.shuffle); "val" is one pass over
-    data.val_sources in order, with the same number of batches on every rank (padding windows are fully
-    masked with labels -100).
+    split "train" repeats epochs forever (shuffled when data.shuffle). "val" is the validation set: the first
+    `val_windows` windows of data.val_sources, spread evenly over the lanes (the first val_windows // lanes
+    windows of each lane, in packing order), the same set on every call and for every layout. Each rank reads
+    only its share, in the main process, when iterated, and yields len(loader) batches, the same number on
+    every rank (padding windows are fully masked with labels -100).
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
     if not 0 <= dp_rank < dp_world:
         raise DataError(f"dp_rank {dp_rank} is not in [0, dp_world={dp_world})")
-    slots = max(cfg.num_workers, 1)
+    train = split == "train"
+    slots = max(cfg.num_workers, 1) if train else 1
     if cfg.lanes < dp_world * slots:
         raise DataError(
             f"data.lanes={cfg.lanes} is fewer than data-parallel ranks x workers = {dp_world} x {slots}; "
             f"every (rank, worker) needs a lane of its own: raise data.lanes"
         )
-    train = split == "train"
+    if not train and val_windows < 1:
+        raise DataError(f"split 'val' needs val_windows >= 1 (windows in the validation set), got {val_windows}")
     specs = cfg.sources if train else cfg.val_sources
     if not specs:
         raise DataError(f"data.{'sources' if train else 'val_sources'} is empty")
@@ -153,31 +206,11 @@ def build_dataloader(
         dp_rank=dp_rank,
         dp_world=dp_world,
         batch_size=micro_batch_size,
-        finite=not train,
     )
-    val_batches = _count_val_batches(plan, slots) if not train else 0
+    if not train:
+        return DataLoader(ValidationWindows(plan, val_windows), batch_size=micro_batch_size)
     return PackedLoader(
-        PackedDataset(plan, [0] * plan.num_lanes, 0, val_batches),
+        PackedDataset(plan, [0] * plan.num_lanes, [[] for _ in range(plan.num_lanes)]),
         batch_size=micro_batch_size,
         num_workers=cfg.num_workers,
     )
-
-
-def _count_val_batches(plan: Plan, slots: int) -> int:
-    """Batches every (rank, worker) yields in one validation pass: enough for the fullest one."""
-    windows, tokens = [], 0
-    for lane in range(plan.num_lanes):
-        sizes = [real for _, real in pass_windows(plan, lane)]
-        windows.append(len(sizes))
-        tokens += sum(sizes)
-    if tokens < plan.dp_world * (plan.seq_len + 1):
-        raise DataError(
-            f"validation data {[s.spec for s in plan.sources]} holds {tokens} tokens, less than one window of "
-            f"seq_len+1={plan.seq_len + 1} per rank ({plan.dp_world} ranks)"
-        )
-    per_slot = [
-        sum(windows[lane] for group in owned_lanes(plan, r, s, slots) for lane in group)
-        for r in range(plan.dp_world)
-        for s in range(slots)
-    ]
-    return max(math.ceil(n / plan.batch_size) for n in per_slot)

@@ -5,6 +5,12 @@ disjoint, deterministic parts: text and jsonl by byte range over the concatenati
 belongs to the part in which it starts), parquet and pre-tokenized shards by document range. Reading a part
 touches only its own bytes, plus the line that straddles its start.
 
+Every document comes with its position (file index, unit): the byte where it starts (text, jsonl), its row
+(parquet) or its index (pre-tokenized). Reading can start again at any such position without touching what
+lies before it, which is what makes a resume cost the same early and late in training. Parquet is read in
+batches of PARQUET_BATCH_ROWS rows, each by a reader opened for it and closed after (pyarrow decompresses a
+whole column chunk per open reader), so a process holds at most one row group's column chunk at a time.
+
 Bad records (undecodable bytes, a jsonl line that is not JSON or lacks the text field, an empty document) are
 skipped, counted and logged with their location; empty files are skipped and logged when the source opens.
 """
@@ -34,6 +40,8 @@ SUFFIX_FORMATS = {
     ".bin": "tokens",
 }
 TOKENS_INDEX = "index.json"
+PARQUET_BATCH_ROWS = 64  # rows decoded at a time per lane
+PARQUET_BUFFER_BYTES = 1 << 20  # read buffer of a parquet reader (pyarrow still decompresses whole column chunks)
 TOKENS_FORMAT = "mor-pretrain-tokens/1"
 
 
@@ -65,14 +73,13 @@ class Source:
 class Skips:
     """Counts skipped records by reason; the first few of each reason are logged with their location."""
 
-    LOG_FIRST = 3
-
-    def __init__(self) -> None:
+    def __init__(self, log_first: int = 3) -> None:
         self.counts: Counter[str] = Counter()
+        self.log_first = log_first
 
     def add(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
-        if self.counts[reason] <= self.LOG_FIRST:
+        if self.counts[reason] <= self.log_first:
             log.warning("skipping %s: %s", where, reason)
 
     def summary(self) -> str:
@@ -122,38 +129,80 @@ def part_range(total: int, part: int, parts: int) -> tuple[int, int]:
     return total * part // parts, total * (part + 1) // parts
 
 
-def _file_slices(source: Source, part: int, parts: int) -> Iterator[tuple[str, int, int]]:
-    """(file, local start, local end) for each file that overlaps the part's range."""
+def _file_slices(
+    source: Source, part: int, parts: int, start: tuple[int, int] | None = None
+) -> Iterator[tuple[int, str, int, int]]:
+    """(file index, file, local start, local end) for each file that overlaps the part's range, from the
+    document position `start` (file index, unit) on when given."""
     lo, hi = part_range(source.total, part, parts)
-    start = 0
-    for name, size in zip(source.files, source.sizes, strict=True):
-        a, b = max(lo, start), min(hi, start + size)
-        if a < b:
-            yield name, a - start, b - start
-        start += size
+    begin = 0
+    for index, (name, size) in enumerate(zip(source.files, source.sizes, strict=True)):
+        a, b = max(lo, begin), min(hi, begin + size)
+        if start is not None and index == start[0]:
+            a = begin + start[1]
+        if a < b and (start is None or index >= start[0]):
+            yield index, name, a - begin, b - begin
+        begin += size
+
+
+Doc = tuple[int, int, str]  # (file index, unit where the document starts, text)
+
+
+def iter_docs(
+    source: Source, part: int, parts: int, skips: Skips, start: tuple[int, int] | None = None
+) -> Iterator[Doc]:
+    """The documents of one part of a text, jsonl or parquet source with their positions, in order;
+    from the position `start` (a document's own position) on when given."""
+    for index, name, lo, hi in _file_slices(source, part, parts, start):
+        if source.format == "jsonl":
+            docs = _jsonl_texts(name, lo, hi, source.text_field, skips)
+        elif source.format == "parquet":
+            docs = _parquet_texts(name, lo, hi, source.text_field, skips)
+        elif source.doc_separator:
+            docs = _separated_texts(name, lo, hi, source.doc_separator, skips)
+        else:
+            docs = _whole_file(name, lo, skips)
+        for unit, text in docs:
+            yield index, unit, text
 
 
 def iter_texts(source: Source, part: int, parts: int, skips: Skips) -> Iterator[str]:
     """The documents of one part of a text, jsonl or parquet source, in order."""
-    for name, lo, hi in _file_slices(source, part, parts):
-        if source.format == "jsonl":
-            yield from _jsonl_texts(name, lo, hi, source.text_field, skips)
-        elif source.format == "parquet":
-            yield from _parquet_texts(name, lo, hi, source.text_field, skips)
-        elif source.doc_separator:
-            yield from _separated_texts(name, lo, hi, source.doc_separator, skips)
-        elif lo == 0:  # one document per file: it belongs to the part holding its first byte
-            with open(name, "rb") as f:
-                text = _decode(f.read(), f"{name}", skips)
-            if text is not None:
-                yield text
+    for _, _, text in iter_docs(source, part, parts, skips):
+        yield text
+
+
+def _whole_file(name: str, lo: int, skips: Skips) -> Iterator[tuple[int, str]]:
+    """One document per file: it belongs to the part holding its first byte."""
+    if lo == 0:
+        with open(name, "rb") as f:
+            text = _decode(f.read(), name, skips)
+        if text is not None:
+            yield 0, text
+
+
+def check_readable(source: Source) -> None:
+    """Refuse a text, jsonl or parquet source that yields no document at all, with the count of records
+    skipped per reason. It reads the whole source when nothing is readable: call it only once a part has
+    come out empty."""
+    if source.format == "tokens":
+        return
+    skips = Skips(log_first=0)
+    if next(iter_texts(source, 0, 1, skips), None) is not None:
+        return
+    field = f" with data.text_field {source.text_field!r}" if source.format in ("jsonl", "parquet") else ""
+    files = f"its {len(source.files)} file(s), read as {source.format} (data.format){field},"
+    raise DataError(
+        f"data source {source.spec!r} has no readable document: "
+        + (f"{files} gave only skipped records: {skips.summary()}" if skips.counts else f"{files} hold no record")
+    )
 
 
 def _decode(raw: bytes, where: str, skips: Skips) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        skips.add(f"undecodable bytes ({e.reason} at byte {e.start})", where)
+        skips.add("undecodable bytes", f"{where} ({e.reason} at byte {e.start})")
         return None
     if not text.strip():
         skips.add("empty document", where)
@@ -172,7 +221,7 @@ def _first_line_start(f, lo: int) -> int:  # type: ignore[no-untyped-def]
     return int(f.tell())
 
 
-def _jsonl_texts(name: str, lo: int, hi: int, field: str, skips: Skips) -> Iterator[str]:
+def _jsonl_texts(name: str, lo: int, hi: int, field: str, skips: Skips) -> Iterator[tuple[int, str]]:
     with open(name, "rb") as f:
         pos = _first_line_start(f, lo)
         f.seek(pos)
@@ -180,7 +229,7 @@ def _jsonl_texts(name: str, lo: int, hi: int, field: str, skips: Skips) -> Itera
             line = f.readline()
             if not line:
                 break
-            where = f"{name} at byte {pos}"
+            where, start = f"{name} at byte {pos}", pos
             pos += len(line)
             if not line.strip():
                 continue  # blank lines hold no document
@@ -198,7 +247,7 @@ def _jsonl_texts(name: str, lo: int, hi: int, field: str, skips: Skips) -> Itera
             elif not text.strip():
                 skips.add("empty document", where)
             else:
-                yield text
+                yield start, text
 
 
 def _follows_separator(f, pos: int, sep: bytes) -> bool:  # type: ignore[no-untyped-def]
@@ -219,7 +268,7 @@ def _follows_separator(f, pos: int, sep: bytes) -> bool:  # type: ignore[no-unty
     return False
 
 
-def _separated_texts(name: str, lo: int, hi: int, separator: str, skips: Skips) -> Iterator[str]:
+def _separated_texts(name: str, lo: int, hi: int, separator: str, skips: Skips) -> Iterator[tuple[int, str]]:
     sep = separator.encode("utf-8")
     with open(name, "rb") as f:
         pos = _first_line_start(f, lo)
@@ -238,7 +287,7 @@ def _separated_texts(name: str, lo: int, hi: int, separator: str, skips: Skips) 
                 if doc_start is not None:
                     text = _decode(b"".join(lines), f"{name} at byte {doc_start}", skips)
                     if text is not None:
-                        yield text
+                        yield doc_start, text
                 lines, doc_start = [], pos
                 if pos >= hi:  # the next document starts in a later part
                     return
@@ -247,7 +296,7 @@ def _separated_texts(name: str, lo: int, hi: int, separator: str, skips: Skips) 
         if doc_start is not None:
             text = _decode(b"".join(lines), f"{name} at byte {doc_start}", skips)
             if text is not None:
-                yield text
+                yield doc_start, text
 
 
 def _import_parquet():  # type: ignore[no-untyped-def]
@@ -262,22 +311,42 @@ def _parquet_rows(path: Path) -> int:
     return int(_import_parquet().ParquetFile(path).metadata.num_rows)
 
 
-def _parquet_texts(name: str, lo: int, hi: int, column: str, skips: Skips) -> Iterator[str]:
-    pf = _import_parquet().ParquetFile(name)
-    if column not in pf.schema_arrow.names:
-        raise DataError(f"{name}: no column {column!r} (data.text_field); columns: {pf.schema_arrow.names}")
-    row = 0
-    for group in range(pf.num_row_groups):
-        n = pf.metadata.row_group(group).num_rows
-        if row + n > lo and row < hi:
-            values = pf.read_row_group(group, columns=[column]).column(0).to_pylist()
-            for i in range(max(lo - row, 0), min(hi - row, n)):
-                text = values[i]
-                if not isinstance(text, str) or not text.strip():
-                    skips.add(f"no text in column {column!r}", f"{name} row {row + i}")
-                else:
-                    yield text
-        row += n
+def _parquet_texts(name: str, lo: int, hi: int, column: str, skips: Skips) -> Iterator[tuple[int, str]]:
+    """Rows [lo, hi) of one file, PARQUET_BATCH_ROWS at a time. Between reads no reader stays open: pyarrow
+    holds a whole decompressed column chunk per open reader, which across 64 lanes would be 64 row groups."""
+    row = lo
+    while row < hi:
+        values = _parquet_read(name, column, row, min(hi, row + PARQUET_BATCH_ROWS))
+        for i, text in enumerate(values, start=row):
+            if not isinstance(text, str) or not text.strip():
+                skips.add(f"no text in column {column!r}", f"{name} row {i}")
+            else:
+                yield i, text
+        row += len(values)
+
+
+def _parquet_read(name: str, column: str, lo: int, hi: int) -> list[object]:
+    """Rows [lo, hi) of one column: decoded in batches from the start of the row group holding `lo`."""
+    pf = _import_parquet().ParquetFile(name, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    try:
+        if column not in pf.schema_arrow.names:
+            raise DataError(f"{name}: no column {column!r} (data.text_field); columns: {pf.schema_arrow.names}")
+        group, row = 0, 0
+        while row + pf.metadata.row_group(group).num_rows <= lo:
+            row += pf.metadata.row_group(group).num_rows
+            group += 1
+        values: list[object] = []
+        groups = range(group, pf.num_row_groups)
+        for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=groups, columns=[column], use_threads=False):
+            n = batch.num_rows
+            if row + n > lo:
+                values += batch.column(0).slice(max(lo - row, 0), min(hi, row + n) - max(lo, row)).to_pylist()
+            row += n
+            if row >= hi:
+                break
+        return values
+    finally:
+        pf.close()
 
 
 def _open_tokens(spec: str) -> Source:
@@ -305,10 +374,13 @@ def offsets_path(shard: str | Path) -> Path:
     return Path(shard).with_suffix(".idx.npy")
 
 
-def iter_token_docs(source: Source, part: int, parts: int) -> Iterator[np.ndarray]:
-    """The documents of one part of a pre-tokenized source, as read-only views of the memory-mapped shards."""
-    for name, lo, hi in _file_slices(source, part, parts):
+def iter_token_docs(
+    source: Source, part: int, parts: int, start: tuple[int, int] | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The documents of one part of a pre-tokenized source with their positions (file index, document), as
+    read-only views of the memory-mapped shards; from the position `start` on when given."""
+    for index, name, lo, hi in _file_slices(source, part, parts, start):
         offsets = np.load(offsets_path(name), mmap_mode="r")
         tokens = np.memmap(name, dtype=source.dtype, mode="r")
         for d in range(lo, hi):
-            yield tokens[offsets[d] : offsets[d + 1]]
+            yield index, d, tokens[offsets[d] : offsets[d + 1]]

@@ -11,6 +11,7 @@ Routing modes of `forward(..., routing=...)`:
   Top-k looks at the whole sequence, so this mode is NOT causal.
 - "causal": expert choice decided per token: continue at step r iff score >= threshold and the token
   continued at step r-1. Used for evaluation and generation. Token-choice models route the same in both.
+Every mode runs each recursion step on the compacted tokens it routes (RecursionStack._routed).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class ModelArgs:
     aux_loss_coef: float = 1e-3  # expert choice BCE on router logits vs top-k selection
     z_loss_coef: float = 0.0  # router z-loss (paper final recipe: 0 for expert, 1e-5 for token)
     aux_router: bool = False  # expert choice: a second router on detached states, used for causal mode
+    aux_router_coef: float = 1e-3  # its BCE; a side loss: trains the aux router only, outside the compared loss
     causal_threshold: float = 0.5  # expert choice causal mode: continue iff sigmoid(logit) >= this
     balancing: Literal["loss", "loss_free"] = "loss"  # token choice load balancing
     balance_loss_coef: float = 0.1  # token choice balancing loss coefficient
@@ -82,8 +84,11 @@ class ModelArgs:
         return [(n - r) / n for r in range(n)]
 
     def tokens_per_step(self, seq_len: int) -> list[int]:
-        """Static top-k sizes per recursion step for a sequence of seq_len tokens."""
-        return [max(1, int(c * seq_len)) for c in self.step_capacities]
+        """Static top-k sizes per recursion step: k_r = max(1, floor(c_r * seq_len)), a product within 1e-6
+        of an integer counting as that integer, so binary rounding never drops a token (0.58 x 100 is
+        57.99999999999999 in floating point: 58, not 57). The default capacities (Nr - r) / Nr give
+        2048, 1365, 682 at T = 2048, Nr = 3, as in the paper."""
+        return [max(1, math.floor(c * seq_len + 1e-6)) for c in self.step_capacities]
 
     def layer_map(self) -> list[int]:
         """Unique-layer index used by each applied layer, numbering first=0, shared 1.., last=base+1."""
@@ -148,10 +153,13 @@ class ModelArgs:
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor | None  # lm_loss + every auxiliary loss (already weighted)
+    loss: torch.Tensor | None  # what to backpropagate: lm_loss + every aux and side loss (already weighted)
     lm_loss: torch.Tensor | None  # mean cross-entropy over non-ignored labels
     logits: torch.Tensor | None  # (batch, seq, vocab)
-    aux_losses: dict[str, torch.Tensor]  # weighted auxiliary terms, by name
+    aux_losses: dict[str, torch.Tensor]  # weighted auxiliary terms of the objective, by name
+    # Weighted losses that train side modules only (the auxiliary router, on detached states): never part
+    # of a total compared across configs.
+    side_losses: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # detached routing statistics, by name
     depth: torch.Tensor | None  # (batch, seq) recursion steps each token ran; None without routing
 
@@ -178,17 +186,51 @@ class Router(nn.Module):
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of x (batch, seq, dim) at idx (batch, k), keeping idx order."""
+    """Rows of x (batch, seq, dim) at idx (batch, n), keeping idx order."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _causal_key_mask(keys: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, T, T) mask: query i may attend key j iff j <= i and keys[:, j]; the diagonal is always
-    allowed so rows of inactive queries (whose outputs are discarded) never become NaN."""
-    t = keys.shape[1]
-    eye = torch.eye(t, dtype=torch.bool, device=keys.device)
-    causal = torch.ones(t, t, dtype=torch.bool, device=keys.device).tril()
-    return ((causal & keys[:, None, :]) | eye).unsqueeze(1)
+BUCKETS = 16  # compacted lengths are whole sixteenths of the sequence: at most 16 shapes per length
+
+
+def bucket_size(n: int, seq_len: int) -> int:
+    """Compacted length of a recursion step whose busiest sequence runs n tokens: n rounded up to a whole
+    sixteenth of seq_len (at least one), so a compiled model sees a bounded set of shapes."""
+    unit = -(-seq_len // BUCKETS)
+    return min(seq_len, max(1, -(-n // unit)) * unit)
+
+
+def _compact(sel: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, n) positions holding each sequence's selected tokens in their original order, then
+    unselected ones as padding, and (batch, n) which of them are selected. Padding after the selected
+    tokens keeps plain causal attention over the compacted rows exact for every selected query."""
+    idx = (~sel).to(torch.uint8).sort(dim=1, stable=True).indices[:, :n]
+    return idx, sel.gather(1, idx)
+
+
+@dataclass
+class _ExpertLog:
+    """Expert choice in training: the router losses and statistics gathered over the steps."""
+
+    bce: list[torch.Tensor] = field(default_factory=list)
+    aux_bce: list[torch.Tensor] = field(default_factory=list)
+    z: list[torch.Tensor] = field(default_factory=list)
+    acc: list[torch.Tensor] = field(default_factory=list)
+    s_sel: list[torch.Tensor] = field(default_factory=list)
+    s_uns: list[torch.Tensor] = field(default_factory=list)
+    dead: list[torch.Tensor] = field(default_factory=list)
+    agree: list[torch.Tensor] = field(default_factory=list)
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    # A masked mean, not boolean indexing: indexing has a data-dependent shape and syncs the host.
+    return (x * keep).sum() / keep.sum()
+
+
+# h, aux losses, side losses, stats, depth
+StackOut = tuple[
+    torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None
+]
 
 
 class RecursionStack(nn.Module):
@@ -234,15 +276,11 @@ class RecursionStack(nn.Module):
             out_kvs.append(kv)
         return x, out_kvs
 
-    def forward(
-        self, h: torch.Tensor, rope: torch.Tensor, routing: str
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
-        """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, stats, depth."""
-        if self.args.router == "expert" and routing == "topk":
-            return self._expert_topk(h, rope)
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
+        """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, side losses, stats, depth."""
         if self.args.router == "none":
-            return self._dense(h, rope), {}, {}, None
-        return self._masked(h, rope)
+            return self._dense(h, rope), {}, {}, {}, None
+        return self._routed(h, rope, routing)
 
     def _dense(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         t = h.shape[1]
@@ -261,139 +299,144 @@ class RecursionStack(nn.Module):
                 kvs0 = kvs
         return h
 
-    def _expert_topk(
-        self, h: torch.Tensor, rope: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Training-time expert choice: per-sequence top-k with hierarchical filtering and static k."""
-        a = self.args
-        b, t, _ = h.shape
-        ks = a.tokens_per_step(t)
-        idx: torch.Tensor | None = None  # (batch, n_candidates) original positions; None = all
-        depth = torch.zeros(b, t, dtype=torch.long, device=h.device)
-        kvs0, pos0 = None, None
-        bce = h.new_zeros((), dtype=torch.float32)
-        aux_bce = h.new_zeros((), dtype=torch.float32)
-        z = h.new_zeros((), dtype=torch.float32)
-        acc, s_sel, s_uns, dead = [], [], [], []
-        for step, k in enumerate(ks):
-            cand = h if idx is None else _gather(h, idx)
-            n_cand = cand.shape[1]
-            logits = self.routers[step](cand).squeeze(-1)  # (batch, n_candidates)
-            scores = torch.sigmoid(logits)
-            if k < n_cand:
-                top = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-                chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
-                x = _gather(cand, top)
-                new_idx = top if idx is None else idx.gather(1, top)
-                gate = a.router_alpha * scores.gather(1, top)
-            else:
-                chosen = torch.ones_like(logits, dtype=torch.bool)
-                x, new_idx = cand, idx
-                gate = a.router_alpha * scores
-            target = chosen.float()
-            bce = bce + F.binary_cross_entropy_with_logits(logits, target)
-            z = z + logits.square().mean()
-            if len(self.aux_routers):
-                aux_logits = self.aux_routers[step](cand.detach()).squeeze(-1)
-                aux_bce = aux_bce + F.binary_cross_entropy_with_logits(aux_logits, target)
-            with torch.no_grad():
-                acc.append(((scores >= 0.5) == chosen).float().mean())
-                # Masked means, not boolean indexing: indexing has a data-dependent shape and syncs the host.
-                s_sel.append((scores * chosen).sum() / chosen.sum())
-                s_uns.append(
-                    (scores * ~chosen).sum() / (~chosen).sum() if k < n_cand else scores.new_full((), float("nan"))
-                )
-                dead.append((scores < 1e-2).float().mean())
-            pos = new_idx if new_idx is not None else torch.arange(t, device=h.device).expand(b, t)
-            step_rope = rope[pos].unsqueeze(1)  # (batch, 1, k, head_dim) at original positions
-            share = a.kv_mode == "share" and step > 0
-            mask = None
-            if share:
-                assert pos0 is not None
-                mask = (pos0[:, None, :] <= pos[:, :, None]).unsqueeze(1)
-            f, kvs = self.apply_once(x, step_rope, mask, kvs0 if share else None)
-            if step == 0:
-                kvs0, pos0 = kvs, pos
-            upd = x + gate.unsqueeze(-1).to(x.dtype) * f
-            h = upd if new_idx is None else h.scatter(1, new_idx.unsqueeze(-1).expand_as(upd), upd)
-            depth = depth.scatter_add(1, pos, torch.ones_like(pos))
-            idx = new_idx
-        aux = {"router_bce": a.aux_loss_coef * bce}
-        if a.z_loss_coef:
-            aux["router_z"] = a.z_loss_coef * z
-        if len(self.aux_routers):
-            aux["aux_router_bce"] = aux_bce
-        stats = self._depth_stats(depth)
-        stats["sampling_acc"] = torch.stack(acc).mean()
-        stats["score_selected"] = torch.stack(s_sel).mean()
-        stats["score_unselected"] = torch.stack(s_uns).nanmean()
-        stats["dead_token_ratio"] = torch.stack(dead[1:] or dead).mean()
-        return h, aux, stats, depth
+    def _routed(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
+        """MoR's recursion. Each step picks the tokens that continue (the routing kind's rule), gathers
+        them into a compacted batch at their original RoPE positions, runs the shared layers once and
+        scatters h + g * f(h) back to those tokens; the others pass through unchanged.
 
-    def _masked(
-        self, h: torch.Tensor, rope: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Per-token decisions (token choice; expert choice in causal mode) on the full sequence.
-
-        Every step runs on all positions with an attention mask restricted to the active tokens and
-        updates only active rows, so shapes stay static and causality is exact. The compute of inactive
-        rows is wasted; see docs/ARCHITECTURE.md.
+        A step's compacted length is exact for expert top-k (static k). For per-token decisions it is the
+        busiest sequence's count rounded up by `bucket_size`: one host sync per forward for token choice
+        (all depths are known up front), one per thresholded step for causal expert choice.
         """
         a = self.args
         b, t, _ = h.shape
-        nr = a.num_recursions
-        r_full = rope[:t][None, None]
         aux: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
+        log = _ExpertLog()
+        busiest: list[int] = []
         if a.router == "token":
-            logits = self.routers[0](h)  # (batch, seq, Nr)
-            probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
-            choice = (probs.detach() + self.depth_bias).argmax(-1)  # bias steers selection only
-            gate_tc = a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
-            load = F.one_hot(choice, nr).float().flatten(0, 1).sum(0)  # tokens per depth
-            if a.balancing == "loss":
-                frac = load / load.sum()
-                aux["balance"] = a.balance_loss_coef * (probs.flatten(0, 1).mean(0) * frac * nr).sum()
-            if a.z_loss_coef:
-                aux["router_z"] = a.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
-            stats["tc_load"] = load.detach()
-            stats["maxvio"] = (load.max() / load.mean() - 1).detach()
+            choice, tc_gate = self._token_choice(h, aux, stats)
+            steps = torch.arange(a.num_recursions, device=h.device)
+            busiest = (choice.unsqueeze(-1) >= steps).sum(1).amax(0).tolist()
         active = torch.ones(b, t, dtype=torch.bool, device=h.device)
         depth = torch.zeros(b, t, dtype=torch.long, device=h.device)
-        agree, kvs0, keys0 = [], None, None
-        caps = a.step_capacities
-        for step in range(nr):
+        full_pos = torch.arange(t, device=h.device).expand(b, t)
+        n: int | None = None  # compacted length; None = every token, no gather
+        kvs0: list[KV] | None = None
+        pos0, valid0 = full_pos, None
+        for step in range(a.num_recursions):
             if a.router == "token":
-                sel, gate = choice >= step, gate_tc
-                everyone = step == 0  # every token runs at least one step
+                sel, gate = choice >= step, tc_gate
+                n = None if step == 0 else bucket_size(busiest[step], t)  # every token runs step 0
             else:
-                logits = self.routers[step](h)  # (batch, seq, 1)
-                gate = a.router_alpha * torch.sigmoid(logits)
-                decide = self.aux_routers[step](h.detach()) if len(self.aux_routers) else logits
-                score = torch.sigmoid(decide.squeeze(-1))
-                everyone = step == 0 and caps[0] == 1.0
-                if caps[step] < 1.0:
-                    sel = active & (score >= a.causal_threshold)
-                    with torch.no_grad():
-                        k = a.tokens_per_step(t)[step]
-                        top = score.masked_fill(~active, -1.0).topk(k, dim=1).indices
-                        topk_sel = torch.zeros_like(active).scatter(1, top, True) & active
-                        agree.append(((sel == topk_sel) & active).sum() / active.sum())
-                else:
-                    sel = active
+                sel, gate, n = self._expert_pick(step, h, active, routing, n, log)
+            idx, valid = (None, None) if n is None else _compact(sel, n)
+            x, pos = (h, full_pos) if idx is None else (_gather(h, idx), idx)
             share = a.kv_mode == "share" and step > 0
-            keys = keys0 if share and keys0 is not None else sel
-            mask = None if everyone else _causal_key_mask(keys)
-            f, kvs = self.apply_once(h, r_full, mask, kvs0 if share else None)
+            mask = None
+            if share and (idx is not None or valid0 is not None):
+                # Queries are a subset of the step-0 keys: each sees the real keys at or before it.
+                # Padding queries see every key, so no row is empty (NaN) even though it is discarded.
+                allowed = pos0[:, None, :] <= pos[:, :, None]
+                if valid0 is not None:
+                    allowed = allowed & valid0[:, None, :]
+                if valid is not None:
+                    allowed = allowed | ~valid[:, :, None]
+                mask = allowed.unsqueeze(1)
+            step_rope = rope[:t][None, None] if idx is None else rope[pos].unsqueeze(1)
+            f, kvs = self.apply_once(x, step_rope, mask, kvs0 if share else None)
             if step == 0:
-                kvs0, keys0 = kvs, sel
-            h = torch.where(sel.unsqueeze(-1), h + gate.to(h.dtype) * f, h)
+                kvs0, pos0, valid0 = kvs, pos, valid
+            g = gate if idx is None else _gather(gate, idx)
+            upd = x + g.to(x.dtype) * f
+            if valid is not None:
+                upd = torch.where(valid.unsqueeze(-1), upd, x)
+            h = upd if idx is None else h.scatter(1, idx.unsqueeze(-1).expand_as(upd), upd)
             depth = depth + sel.long()
             active = sel
+        side: dict[str, torch.Tensor] = {}
+        if log.bce:
+            aux["router_bce"] = a.aux_loss_coef * sum(log.bce, h.new_zeros((), dtype=torch.float32))
+            if a.z_loss_coef:
+                aux["router_z"] = a.z_loss_coef * sum(log.z, h.new_zeros((), dtype=torch.float32))
+            if log.aux_bce:
+                side["aux_router_bce"] = a.aux_router_coef * sum(log.aux_bce, h.new_zeros((), dtype=torch.float32))
+            stats["sampling_acc"] = torch.stack(log.acc).mean()
+            stats["score_selected"] = torch.stack(log.s_sel).mean()
+            stats["score_unselected"] = torch.stack(log.s_uns).nanmean()
+            stats["dead_token_ratio"] = torch.stack(log.dead[1:] or log.dead).mean()
+        if log.agree:
+            stats["topk_agreement"] = torch.stack(log.agree).mean()
         stats.update(self._depth_stats(depth))
-        if agree:
-            stats["topk_agreement"] = torch.stack(agree).mean()
-        return h, aux, stats, depth
+        return h, aux, side, stats, depth
+
+    def _token_choice(
+        self, h: torch.Tensor, aux: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token choice: one router on the stack input picks each token's depth. Returns the chosen depth
+        index (batch, seq) and the gate (batch, seq, 1); adds the balancing terms and the load."""
+        a = self.args
+        nr = a.num_recursions
+        logits = self.routers[0](h)  # (batch, seq, Nr)
+        probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
+        choice = (probs.detach() + self.depth_bias).argmax(-1)  # the bias steers selection only
+        gate = a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
+        load = F.one_hot(choice, nr).float().flatten(0, 1).sum(0)  # tokens per depth
+        if a.balancing == "loss":
+            # Sigmoid scores are normalized over the depths for this term (as DeepSeek-V3 does): raw
+            # sigmoids only ever get pushed down by it, shrinking every gate instead of moving tokens.
+            share = probs if a.router_activation == "softmax" else probs / probs.sum(-1, keepdim=True)
+            aux["balance"] = a.balance_loss_coef * (share.flatten(0, 1).mean(0) * load / load.sum() * nr).sum()
+        if a.z_loss_coef:
+            aux["router_z"] = a.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+        stats["tc_load"] = load.detach()
+        stats["maxvio"] = (load.max() / load.mean() - 1).detach()
+        return choice, gate
+
+    def _expert_pick(
+        self, step: int, h: torch.Tensor, active: torch.Tensor, routing: str, n: int | None, log: _ExpertLog
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """Expert choice at one step: which tokens continue, their gate and the compacted length.
+
+        "topk": the top k_r of the step's candidates (the tokens active so far) per sequence; logs the
+        router BCE against that choice. "causal": continue iff the score clears the threshold (steps
+        with capacity 1 keep every active token); `n` is the previous step's length.
+        """
+        a = self.args
+        t = h.shape[1]
+        k = a.tokens_per_step(t)[step]
+        logits = self.routers[step](h).squeeze(-1)  # (batch, seq)
+        scores = torch.sigmoid(logits)
+        gate = a.router_alpha * scores.unsqueeze(-1)
+        if routing == "causal":
+            if a.step_capacities[step] >= 1.0:
+                return active, gate, n
+            decide = self.aux_routers[step](h.detach()).squeeze(-1) if len(self.aux_routers) else logits
+            score = torch.sigmoid(decide)
+            sel = active & (score >= a.causal_threshold)
+            with torch.no_grad():
+                top = score.masked_fill(~active, -1.0).topk(k, dim=1).indices
+                topk_sel = torch.zeros_like(active).scatter(1, top, True) & active
+                log.agree.append(_masked_mean((sel == topk_sel).float(), active))
+            return sel, gate, bucket_size(int(sel.sum(1).max()), t)
+        if k >= t:
+            sel = active
+        else:
+            top = logits.masked_fill(~active, float("-inf")).topk(k, dim=1, sorted=False).indices
+            sel = torch.zeros_like(active).scatter(1, top, True)
+        target = sel.float()
+        log.bce.append(_masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), active))
+        log.z.append(_masked_mean(logits.square(), active))
+        if len(self.aux_routers):
+            aux_logits = self.aux_routers[step](h.detach()).squeeze(-1)
+            bce = F.binary_cross_entropy_with_logits(aux_logits, target, reduction="none")
+            log.aux_bce.append(_masked_mean(bce, active))
+        with torch.no_grad():
+            log.acc.append(_masked_mean(((scores >= 0.5) == sel).float(), active))
+            log.s_sel.append(_masked_mean(scores, sel))
+            log.s_uns.append(_masked_mean(scores, active & ~sel))  # 0 / 0 = NaN when all candidates stay
+            log.dead.append(_masked_mean((scores < 1e-2).float(), active))
+        return sel, gate, None if k >= t else k
 
     def _depth_stats(self, depth: torch.Tensor) -> dict[str, torch.Tensor]:
         counts = F.one_hot(depth.flatten(), self.args.num_recursions + 1).sum(0)
@@ -466,7 +509,7 @@ class MoRModel(nn.Module):
         r = self.rope[:t][None, None]
         if self.first is not None:
             h, _ = self.first(h, r)
-        h, aux, stats, depth = self.stack(h, self.rope, routing)
+        h, aux, side, stats, depth = self.stack(h, self.rope, routing)
         if self.last is not None:
             h, _ = self.last(h, r)
         h = self.norm(h)
@@ -474,8 +517,8 @@ class MoRModel(nn.Module):
         lm_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
-            loss = lm_loss + sum(aux.values()) if aux else lm_loss
-        return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, stats, depth)
+            loss = lm_loss + sum([*aux.values(), *side.values()]) if aux or side else lm_loss
+        return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, side, stats, depth)
 
     def update_router_bias(self, load: torch.Tensor) -> None:
         self.stack.update_depth_bias(load)

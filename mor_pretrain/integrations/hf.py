@@ -1,0 +1,126 @@
+"""Hugging Face transformers folders of our models (`convert_checkpoint.py to-hf`).
+
+- Models without routing or KV sharing become a plain `LlamaForCausalLM` (convert.to_hf_llama: shared
+  layers unrolled), readable by anything that reads Llama.
+- MoR models (expert or token choice, either KV mode) and KV-sharing recursive models become a remote-code
+  folder: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. The modeling code is
+  GENERATED at export time from the project's own source: models/mor.py, models/layers.py and the cached
+  inference path generate.py are copied into the folder with their package imports made relative, next to
+  configuration_mor.py / modeling_mor.py (from the hf_configuration / hf_modeling templates). The folder needs
+  only torch and transformers, and it computes what this version of the project computes.
+
+Every folder also holds the tokenizer (export.save_tokenizer) and a generation_config.json with its
+bos/eos/pad ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mor_pretrain.convert import save_hf_llama
+from mor_pretrain.export import save_tokenizer
+from mor_pretrain.models import ModelArgs
+
+_PKG = Path(__file__).resolve().parents[1]
+# Project module -> (its source file, the file it becomes in the folder). Order: what imports what.
+REMOTE_FILES = {
+    "mor_pretrain.models.layers": (_PKG / "models" / "layers.py", "layers.py"),
+    "mor_pretrain.models.mor": (_PKG / "models" / "mor.py", "mor.py"),
+    "mor_pretrain.generate": (_PKG / "generate.py", "generate.py"),
+    "mor_pretrain.integrations.hf_configuration": (
+        _PKG / "integrations" / "hf_configuration.py",
+        "configuration_mor.py",
+    ),
+    "mor_pretrain.integrations.hf_modeling": (_PKG / "integrations" / "hf_modeling.py", "modeling_mor.py"),
+}
+_ALIASES = {"mor_pretrain.models": "mor_pretrain.models.mor"}  # the package re-exports mor.py's classes
+_IMPORT = re.compile(r"^(\s*)from (mor_pretrain[\w.]*) import ", re.MULTILINE)
+
+
+def needs_remote_code(args: ModelArgs) -> bool:
+    """True for models that have no Llama equivalent (routing or KV sharing)."""
+    return args.router != "none" or (args.kv_mode == "share" and args.num_recursions > 1)
+
+
+def remote_source(module: str) -> str:
+    """The source of a project module as it is written into the folder: package imports made relative.
+    Refuses an import of a project module the folder does not carry (it would not load without the package)."""
+    path, _ = REMOTE_FILES[module]
+    text = path.read_text()
+
+    def relative(m: re.Match[str]) -> str:
+        name = _ALIASES.get(m.group(2), m.group(2))
+        if name not in REMOTE_FILES:
+            raise RuntimeError(f"{path} imports {m.group(2)}, which a transformers folder does not carry")
+        return f"{m.group(1)}from .{REMOTE_FILES[name][1].removesuffix('.py')} import "
+
+    text = _IMPORT.sub(relative, text)
+    if re.search(r"^\s*import mor_pretrain", text, re.MULTILINE):
+        raise RuntimeError(f"{path} imports mor_pretrain directly, which a transformers folder does not carry")
+    return text
+
+
+def _special_ids(out: Path) -> dict[str, int]:
+    """bos/eos/pad ids of the tokenizer written into `out`, for config.json and generation_config.json."""
+    cfg_path = out / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return {}
+    from mor_pretrain.evaluate import load_any_tokenizer
+
+    spec = "tokenizer.json" if (out / "tokenizer.json").is_file() else "tokenizer.model"
+    tok = load_any_tokenizer(spec, out)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}  # type: ignore[attr-defined]
+    return {k: int(v) for k, v in ids.items() if v is not None and v >= 0}
+
+
+def save_hf(
+    out: str | Path,
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str = "",
+    tokenizer_base: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a transformers folder for `args` / `state` (MoRModel names): Llama when possible, else MoR
+    remote code (module docstring); plus the tokenizer `tokenizer` names (relative to `tokenizer_base`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        save_tokenizer(out, tokenizer, tokenizer_base, max_len=args.max_seq_len)
+    ids = _special_ids(out)
+    if not needs_remote_code(args):
+        save_hf_llama(out, args, state, dtype, progress)
+        config = json.loads((out / "config.json").read_text())
+    else:
+        for module, (_, name) in REMOTE_FILES.items():
+            (out / name).write_text(remote_source(module))
+        tensors = {
+            f"model.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+            for k, v in tqdm(state.items(), desc="convert", unit="tensor", disable=not progress)
+        }
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config = {
+            "architectures": ["MoRForCausalLM"],
+            "model_type": "mor",
+            "auto_map": {
+                "AutoConfig": "configuration_mor.MoRConfig",
+                "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
+            },
+            "mor": dataclasses.asdict(args),
+            "routing": "causal",
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+    config.update(ids)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation: dict[str, Any] = {"_from_model_config": True, **ids}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out

