@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
+from mor_pretrain.checkpoint import CheckpointError
 from mor_pretrain.config import ConfigError, JobConfig, load_config
 from mor_pretrain.data import DataError
 from mor_pretrain.trainer import train
@@ -46,6 +47,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
 # Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors here.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
+    CheckpointError,  # a damaged, hostile or refused checkpoint, a run folder held by another launch
     DataError,
     FileNotFoundError,
     IsADirectoryError,

@@ -34,11 +34,11 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
+from mor_pretrain.checkpoint import COMPLETE, check_dcp_metadata, mark_complete, verify_checkpoint
 from mor_pretrain.config import load_config
 from mor_pretrain.export import load_exported, save_exported, save_tokenizer
 from mor_pretrain.models import ModelArgs, MoRModel
 
-COMPLETE = "COMPLETE"  # marker of a finished checkpoint (run-folder contract)
 UPCYCLE_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 _CHUNK_BYTES = 256 * 2**20  # tensors read per DCP call: bounds memory spikes and drives the progress bar
 
@@ -70,10 +70,9 @@ def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
         raise ValueError(f"{ckpt} is not a DCP checkpoint: {ckpt / '.metadata'} is missing")
     if not (ckpt / COMPLETE).is_file():
         raise ValueError(f"{ckpt} is incomplete (no {COMPLETE} marker): its save never finished")
-    try:
-        meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # a truncated .metadata raises pickle/EOF errors
-        raise ValueError(f"cannot read the DCP metadata of {ckpt}: {e}") from None
+    verify_checkpoint(ckpt)
+    check_dcp_metadata(ckpt)  # DCP unpickles it: admit only what DCP metadata is made of
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
     entries = {
         k[len("model.") :]: v
         for k, v in meta.state_dict_metadata.items()
@@ -177,7 +176,7 @@ def export_to_dcp(export: str | Path, out: str | Path) -> Path:
     model, _ = load_exported(export, dtype=torch.float32)
     with _single_process():
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(out))
-    (out / COMPLETE).write_text("export\n")
+    mark_complete(out, step=0)
     return out
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,10 +33,13 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from mor_pretrain.checkpoint import (
     Checkpointer,
+    CheckpointError,
     ModelState,
     OptimizerState,
     PreemptionWatcher,
+    RunLock,
     SchedulerState,
+    all_finite,
     complete_steps,
     config_differences,
     step_dir,
@@ -56,6 +60,11 @@ from mor_pretrain.metrics import (
 from mor_pretrain.models import MoRModel
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from mor_pretrain.parallel import DTYPES, build_mesh, dp_coordinates, parallelize
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -393,6 +402,8 @@ def log_step(
 
 def export_final(model: MoRModel, cfg: JobConfig, rank: int) -> None:
     """Gather full weights to CPU and write <run_dir>/export on rank 0 (every rank joins the gather)."""
+    if not all_finite(model):
+        raise FloatingPointError("the final weights hold NaN or inf: no export written (the checkpoints are finite)")
     sd: dict[str, Any] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         dtype = torch.bfloat16 if cfg.checkpoint.export_bf16 else None
@@ -417,9 +428,7 @@ def train(cfg: JobConfig) -> TrainState:
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     size_vocabulary(cfg)
-    if par.rank == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
+    lock = lock_run_dir(cfg.run_dir, par.rank)
 
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -443,8 +452,13 @@ def train(cfg: JobConfig) -> TrainState:
     ck_per_rank = {"dataloader": train_loader}
     if cfg.checkpoint.create_seed:
         create_seed(checkpointer, model)
-        return finish(state)
-    resume(checkpointer, cfg, ck_states, ck_per_rank)
+        return finish(state, lock)
+    finished_toml = resume(checkpointer, cfg, ck_states, ck_per_rank)
+    if finished_toml is not None and state.step >= t.steps:
+        nothing_to_do(cfg, finished_toml, state.step)
+        return finish(state, lock)
+    if par.rank == 0:  # only now: a refused resume leaves the run's record of what it ran with
+        (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
     preemption = PreemptionWatcher()
 
     positions = t.global_batch_size * t.seq_len
@@ -500,14 +514,48 @@ def train(cfg: JobConfig) -> TrainState:
     else:
         export_final(model, cfg, par.rank)
     metrics.close()
-    return finish(state)
+    return finish(state, lock)
 
 
-def finish(state: TrainState) -> TrainState:
+def lock_run_dir(run_dir: Path, rank: int) -> RunLock | None:
+    """Rank 0 locks the run folder; every rank fails at once if another job holds it."""
+    lock, error = None, [""]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(run_dir)
+        except CheckpointError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise CheckpointError(error[0])
+    return lock
+
+
+def nothing_to_do(cfg: JobConfig, finished_toml: str, step: int) -> None:
+    """A finished run relaunched: say so; a changed config is an error (it was never trained with)."""
+    saved, now = tomllib.loads(finished_toml), config_to_dict(cfg)
+    diffs = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in now.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+    msg = f"run {cfg.run_dir} already finished at step {step} (training.steps = {cfg.training.steps}): nothing to do"
+    if diffs:
+        raise ConfigError(f"{msg}, but this launch's config differs from the one it ran with: " + "; ".join(diffs))
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def finish(state: TrainState, lock: RunLock | None = None) -> TrainState:
     """Leave the process group together: no rank exits while another still talks to it. (Its gloo threads
     outlive it; train.py then exits without interpreter teardown, see train.leave.)"""
     dist.barrier()
     dist.destroy_process_group()
+    if lock is not None:
+        lock.release()
     return state
 
 
@@ -530,16 +578,17 @@ def create_seed(checkpointer: Checkpointer, model: MoRModel) -> None:
         print(f"seed checkpoint written to {step_dir(checkpointer.root, 0)}", flush=True)
 
 
-def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], per_rank: dict[str, Any]) -> None:
+def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], per_rank: dict[str, Any]) -> str | None:
     """Load the run's latest (or checkpoint.load_step) checkpoint, else checkpoint.init_from, else nothing.
-    A checkpoint whose config differs in a structural key (model shape, tokenizer, seq_len) is refused."""
+    A checkpoint whose config differs in a structural key (model shape, tokenizer, seq_len) is refused.
+    Returns the config the run's own checkpoint was saved with (None for init_from or a fresh start)."""
     step = checkpointer.resolve_load_step()
     if step is not None:
         path = step_dir(checkpointer.root, step)
     elif cfg.checkpoint.init_from:
         path = Path(cfg.checkpoint.init_from)
     else:
-        return
+        return None
     current = config_to_dict(cfg)
 
     def check(saved_toml: str) -> None:
@@ -552,3 +601,5 @@ def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], p
     states["lr_scheduler"].apply()
     if dist.get_rank() == 0:
         print(f"resumed from {path} in {time.perf_counter() - start:.1f}s", flush=True)
+    saved = path / "config.toml"
+    return saved.read_text() if step is not None and saved.is_file() else None

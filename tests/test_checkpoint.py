@@ -15,6 +15,7 @@ from conftest import spawn, tiny_model
 from mor_pretrain.checkpoint import (
     COMPLETE,
     Checkpointer,
+    CheckpointError,
     ModelState,
     OptimizerState,
     complete_steps,
@@ -99,7 +100,7 @@ def test_explicit_load_step_must_exist_and_incomplete_is_ignored(tmp_path):
     ck.save(3, states(model, opt), {})
     (step_dir(tmp_path, 5)).mkdir()  # a crashed save: no COMPLETE marker
     assert ck.resolve_load_step() == 3
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ck.load(step_dir(tmp_path, 5), states(model, opt), {}, check_config=lambda _: None)
     bad = Checkpointer(CheckpointConfig(load_step=5), tmp_path)
     with pytest.raises(FileNotFoundError, match="load_step=5"):
@@ -236,3 +237,131 @@ def test_preemption_signal_sets_flag_single_process():
         assert w.should_stop()
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def _plant(ckpt: Path, name: str, data: bytes) -> None:
+    """What an attacker does: replace a file and rewrite the manifest so that the checksums agree."""
+    from mor_pretrain.checkpoint import mark_complete
+
+    (ckpt / name).write_bytes(data)
+    mark_complete(ckpt, 1)
+
+
+def _load(ck, path, model, opt, per_rank=None):
+    ck.load(path, states(model, opt), per_rank or {}, check_config=lambda _: None)
+
+
+@pytest.mark.parametrize("name", ["rank0.json", "rank0.pt"])
+def test_pickle_payload_as_per_rank_state_is_refused(tmp_path, name):
+    import pickle
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck")
+    ck.save(1, states(model, opt), {"dataloader": Counter(1)})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    (ckpt / "rank0.json").unlink()
+    marker = tmp_path / "pwned"
+    _plant(ckpt, name, pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match=rf"{name}.*(pickle|never loaded)|no per-rank state"):
+        _load(ck, ckpt, model, opt, {"dataloader": Counter()})
+    assert not marker.exists()
+
+
+def test_hostile_or_garbled_dcp_metadata_is_refused_on_resume_and_conversion(tmp_path):
+    import pickle
+
+    from mor_pretrain.convert import load_dcp_model
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", config_toml="")
+    ck.save(1, states(model, opt), {})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    good = (ckpt / ".metadata").read_bytes()
+    marker = tmp_path / "pwned"
+    _plant(ckpt, ".metadata", pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match=r"refusing to load .*\.metadata.*builtins\.exec"):
+        _load(ck, ckpt, model, opt)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*\.metadata"):
+        load_dcp_model(ckpt, config=tmp_path / "none.toml", progress=False)
+    assert not marker.exists()
+    _plant(ckpt, ".metadata", good[: len(good) // 2])  # truncated, with a consistent manifest
+    with pytest.raises(CheckpointError, match=r"refusing to load .*step-00000001/\.metadata"):
+        _load(ck, ckpt, model, opt)
+
+
+def test_damaged_or_missing_files_are_named_with_the_last_good_checkpoint(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
+    ck.save(1, states(model, opt), {"dataloader": Counter(1)})
+    ck.save(2, states(model, opt), {"dataloader": Counter(2)})
+    data = next(step_dir(tmp_path, 2).glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte, size unchanged
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"{data.name} does not match its checksum.*verifies is .*step-00000001"):
+        _load(ck, step_dir(tmp_path, 2), model, opt)
+    (step_dir(tmp_path, 1) / "rank0.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000001/rank0.json is missing"):
+        _load(ck, step_dir(tmp_path, 1), model, opt, {"dataloader": Counter()})
+    (step_dir(tmp_path, 1) / "rank0.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"rank0.json has \d+ bytes"):
+        _load(ck, step_dir(tmp_path, 1), model, opt, {"dataloader": Counter()})
+
+
+def test_rewinding_is_refused_and_a_complete_checkpoint_is_never_replaced(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
+    ck.save(3, states(model, opt), {})
+    ck.save(6, states(model, opt), {})
+    with pytest.raises(CheckpointError, match=r"load_step=3 would rewind over the later checkpoints \[6\].*init_from"):
+        Checkpointer(CheckpointConfig(load_step=3), tmp_path).resolve_load_step()
+    assert Checkpointer(CheckpointConfig(load_step=6), tmp_path).resolve_load_step() == 6
+    before = (step_dir(tmp_path, 6) / COMPLETE).read_text()
+    with pytest.raises(CheckpointError, match="refusing to overwrite the complete checkpoint"):
+        ck.save(6, states(model, opt), {})
+    assert (step_dir(tmp_path, 6) / COMPLETE).read_text() == before
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=1), tmp_path)
+    ck.save(1, states(model, opt), {})
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        ck.save(2, states(model, opt), {})
+    assert complete_steps(tmp_path) == [1] and not step_dir(tmp_path, 2).exists()
+
+
+def test_skipped_checkpoint_folders_are_logged_with_the_reason(tmp_path, caplog):
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
+    ck.save(1, states(model, opt), {})
+    step_dir(tmp_path, 2).mkdir()
+    (tmp_path / "step-x").mkdir()
+    with caplog.at_level("WARNING", logger="mor_pretrain.checkpoint"):
+        assert ck.resolve_load_step() == 1
+    assert "step-00000002: no COMPLETE marker" in caplog.text and "step-x: its name is not" in caplog.text
+
+
+def test_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    from mor_pretrain.checkpoint import RunLock
+
+    hold = f"import time; from mor_pretrain.checkpoint import RunLock; RunLock({str(tmp_path)!r}); print(1, flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", hold + "; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "1"
+    with pytest.raises(CheckpointError, match=rf"in use by another job \(host \S+ pid {holder.pid}\)"):
+        RunLock(tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    RunLock(tmp_path).release()  # the kernel dropped the dead holder's lock

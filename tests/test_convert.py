@@ -1,6 +1,7 @@
 import dataclasses
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import spawn, tiny_args, tiny_model
 
+from mor_pretrain.checkpoint import mark_complete
 from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
 from mor_pretrain.convert import (
     COMPLETE,
@@ -36,7 +38,7 @@ def write_run_checkpoint(run, model, step=3):
     ckpt = run / "checkpoints" / f"step-{step:08d}"
     state = {"model": model.state_dict(), "train_state": {"step": torch.tensor(step)}}
     dcp.save(state, checkpoint_id=str(ckpt))
-    (ckpt / COMPLETE).write_text(f"{step}\n")
+    mark_complete(ckpt, step)
     return ckpt
 
 
@@ -72,7 +74,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
         load_dcp_model(ckpt, config=tmp_path / "other.toml", progress=False)
     data = next(ckpt.glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"__0_0.distcp has 100 bytes.*truncated"):
         load_dcp_model(ckpt, progress=False)
     (ckpt / COMPLETE).unlink()
     with pytest.raises(ValueError, match="incomplete"):
@@ -91,9 +93,8 @@ def _fsdp_save_worker(rank, world, init, ckpt):
     fully_shard(model.stack)
     fully_shard(model)
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
-    if rank == 0:
-        with open(os.path.join(ckpt, COMPLETE), "w") as f:
-            f.write("1\n")
+    if rank == 0:  # dcp.save has returned on rank 0: every rank's files are written
+        mark_complete(Path(ckpt), 1)
     dist.barrier()
     dist.destroy_process_group()
 

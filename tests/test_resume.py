@@ -15,6 +15,9 @@ import torch
 from test_train import ROOT, write_corpus
 
 from mor_pretrain.checkpoint import COMPLETE, complete_steps
+from mor_pretrain.config import load_config
+from mor_pretrain.convert import load_dcp_model
+from mor_pretrain.export import load_exported
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -116,12 +119,18 @@ def test_nonfinite_stop_saves_nothing_bad_and_skip_counts(tmp_path):
     stop = launch(tmp_path, *blowup, "--checkpoint.interval=1", "--name=stop")
     assert stop.returncode != 0 and "non-finite" in stop.stdout + stop.stderr
     for step in complete_steps(tmp_path / "runs" / "stop" / "checkpoints"):
-        from mor_pretrain.convert import load_dcp_model
-
         _, state, _ = load_dcp_model(tmp_path / "runs" / "stop" / "checkpoints" / f"step-{step:08d}", progress=False)
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), step
-    ok(launch(tmp_path, *blowup, "--training.nonfinite=skip", "--name=skip"))
+    skip = launch(tmp_path, *blowup, "--training.nonfinite=skip", "--checkpoint.interval=1", "--name=skip")
     skip_run = tmp_path / "runs" / "skip"
+    # Skipped updates cannot undo weights that overflowed to inf: the save refuses them, nothing bad is kept.
+    assert skip.returncode == 0 or "NaN or inf" in skip.stdout + skip.stderr
+    for step in complete_steps(skip_run / "checkpoints"):
+        _, state, _ = load_dcp_model(skip_run / "checkpoints" / f"step-{step:08d}", progress=False)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), step
+    if (skip_run / "export").exists():
+        exported, _ = load_exported(skip_run / "export")
+        assert all(torch.isfinite(v).all() for v in exported.state_dict().values() if v.is_floating_point())
     skipped = scalars(skip_run, "train/skipped_steps")
     nonfinite = sum(1 for v in scalars(skip_run, "train/grad_norm").values() if not math.isfinite(v))
     assert skipped[6] >= 1 and skipped[6] == nonfinite
@@ -134,3 +143,20 @@ def test_seed_checkpoint_is_step_zero_and_runs_start_from_it(tmp_path):
     proc = ok(launch(tmp_path, "--training.steps=2", nproc=2))
     assert "step-00000000" in proc.stdout
     assert complete_steps(seed.parent) == [0, 2]  # the seed is never pruned
+
+
+def test_a_finished_run_relaunched_does_nothing_and_a_changed_config_or_rewind_is_refused(tmp_path):
+    common = ["--training.steps=2", "--checkpoint.interval=1"]
+    ok(launch(tmp_path, *common, nproc=1))
+    run = tmp_path / "runs" / "debug_mor"
+    record = (run / "config.toml").read_text()
+    again = ok(launch(tmp_path, *common, nproc=1))
+    assert "already finished at step 2" in again.stdout and "nothing to do" in again.stdout
+    changed = launch(tmp_path, *common, "--optimizer.lr=0.5", nproc=1)
+    out = changed.stdout + changed.stderr
+    assert changed.returncode != 0 and "optimizer.lr" in out and "nothing to do" in out
+    assert (run / "config.toml").read_text() == record and load_config(run / "config.toml").optimizer.lr != 0.5
+    marker = (run / "checkpoints" / "step-00000002" / COMPLETE).read_text()
+    rewind = launch(tmp_path, "--training.steps=4", "--checkpoint.interval=1", "--checkpoint.load_step=1", nproc=1)
+    assert rewind.returncode != 0 and "would rewind" in rewind.stdout + rewind.stderr
+    assert (run / "checkpoints" / "step-00000002" / COMPLETE).read_text() == marker and (run / "export").exists()
