@@ -129,6 +129,7 @@ def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_p
     """Everything tools/eval.py takes: a run folder (latest complete checkpoint), a DCP folder, a BPE export."""
     import torch.distributed.checkpoint as dcp
 
+    from mor_pretrain.checkpoint import mark_complete
     from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
 
     model, meta = load_exported(export_dir)
@@ -139,7 +140,7 @@ def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_p
     run.mkdir()
     (run / "config.toml").write_text(dump_toml(cfg))
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
-    (ckpt / "COMPLETE").write_text("2\n")
+    mark_complete(ckpt, 2)  # the checksum manifest a trainer save writes
     _, texts = expected(export_dir, ["the router"], max_new_tokens=5)
     for src in (run, ckpt):
         assert cli(src, "--prompt", "the router", "--max-new-tokens", 5, "--json") == 0

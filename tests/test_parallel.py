@@ -455,7 +455,7 @@ def test_validation_logs_the_causal_and_the_topk_loss(tmp_path):
     """On 2 ranks, val/loss_causal and val/loss_topk equal one process's token-weighted loss over the
     same 4 sequences in each routing mode; token choice routes the same way in both."""
     got = spawn(2, tmp_path, _validate_both_modes)[0]
-    loader = GlobalBatchLoader("val", 0, 1, GLOBAL_BATCH, GLOBAL_BATCH)
+    loader = GlobalBatchLoader("val", 0, 1, GLOBAL_BATCH, GLOBAL_BATCH, steps=8)
     batch = next(iter(loader))
     for variant in ("expert", "token"):
         cfg = strong_gates(make_cfg(variant))
