@@ -132,7 +132,7 @@ CONSOLE = (
     ("perf/data_share", "data {:.1%}"),
     ("mem/max_reserved_share", "mem {:.0%}"),
     ("mem/max_rss_share", "rss {:.0%}"),
-    ("val/loss_causal", "val {:.4f}"),
+    ("val/loss_causal", "val causal {:.4f}"),
 )
 
 
