@@ -45,7 +45,7 @@ from mor_pretrain.checkpoint import (
     step_dir,
 )
 from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
-from mor_pretrain.data import build_dataloader, load_tokenizer
+from mor_pretrain.data import DataError, build_dataloader, load_tokenizer
 from mor_pretrain.data.tokenizer import padded_vocab_size
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
@@ -303,7 +303,7 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
     n = torch.tensor(len(batches), device=par.device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     if n.item() == 0:
-        raise RuntimeError("validation: the val split gave no batch on some rank; check data.val_sources")
+        raise DataError("validation: the val split gave no batch on some rank; check data.val_sources")
     modes = VAL_MODES if model.args.router == "expert" else VAL_MODES[:1]
     totals = torch.zeros(len(modes), device=par.device)
     count = torch.zeros((), device=par.device)
