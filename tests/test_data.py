@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import train_bpe
+from conftest import spawn, train_bpe
 
 from mor_pretrain.config import DataConfig
 from mor_pretrain.data import DataError, build_dataloader, dataset, load_tokenizer, resolve_vocab_size
@@ -406,13 +406,14 @@ def as_windows(rows: list) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_resume_reads_a_bounded_amount_for_every_format(formats, tmp_path):
     """After n batches on 2 ranks x 2 workers (2.5 epochs of the corpus), a resume gives exactly the next
     batches and reads at most a block per lane plus what it yields, for text, jsonl, parquet and
     pre-tokenized sources; so do resumes onto 1 rank (from 2) and onto 2 ranks x 2 workers (from 1)."""
     n, m = 128, 4
     init = f"file://{tmp_path}/rendezvous-{uuid.uuid4().hex}"
-    mp.spawn(_resume_rank, args=(2, init, tmp_path, formats, n, m), nprocs=2, join=True)
+    spawn(_resume_rank, 2, 2, init, tmp_path, formats, n, m)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name, kw in formats.items():
         cfg = DataConfig(**kw)
