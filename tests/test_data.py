@@ -467,6 +467,32 @@ def test_validation_is_a_fixed_set_on_any_layout(formats, tmp_path, val_windows)
     assert all(b["input"].shape == (4, SEQ) for b in per_rank[0] + per_rank[1])
 
 
+def test_validation_deals_past_empty_lanes(corpus, tmp_path, caplog):
+    """A val split of few long documents leaves byte-range lanes empty: the others give the missing windows,
+    so the set is full (no padding row) and the same on 1 and 2 ranks; a split too small says so."""
+    root, docs = corpus
+    write_jsonl(tmp_path / "long.jsonl", [" ".join(docs[i::3]) for i in range(3)])
+    cfg = cfg_for(root, val_sources=[str(tmp_path / "long.jsonl")], lanes=8)
+    per_lane = [lane_windows(cfg, lane) for lane in range(8)]
+    assert any(not w for w in per_lane) and sum(map(len, per_lane)) > 40  # the case: empty lanes, enough windows
+    quota, dealt = [0] * 8, 0
+    for r in range(max(map(len, per_lane))):
+        for lane in range(8):
+            if dealt < 40 and r < len(per_lane[lane]):
+                quota[lane], dealt = quota[lane] + 1, dealt + 1
+    expected = [w for lane in range(8) for w in per_lane[lane][: quota[lane]]]
+    with caplog.at_level(logging.WARNING):
+        one = list(loader(cfg, split="val", val_windows=40))
+        two = [list(loader(cfg, split="val", rank=r, world=2, val_windows=40)) for r in range(2)]
+    assert "padding" not in caplog.text
+    assert windows(one) == expected and len(expected) == 40 and sum(len(b["input"]) for b in one) == 40
+    assert Counter(windows(two[0] + two[1])) == Counter(expected) and len(two[0]) == len(two[1])
+    total = sum(map(len, per_lane))
+    with caplog.at_level(logging.WARNING):
+        assert len(windows(list(loader(cfg, split="val", val_windows=total + 5)))) == total
+    assert f"holds {total} windows of the {total + 5} asked for" in caplog.text
+
+
 # --- pre-tokenized shards ----------------------------------------------------------------------------------
 
 

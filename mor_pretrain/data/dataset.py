@@ -227,9 +227,22 @@ class PackedDataset(IterableDataset):
 
 
 def val_quota(plan: Plan, windows: int) -> list[int]:
-    """Validation windows per lane: `windows` spread evenly, the first lanes taking the remainder."""
-    n, extra = divmod(windows, plan.num_lanes)
-    return [n + (lane < extra) for lane in range(plan.num_lanes)]
+    """Validation windows per lane, dealt one at a time round the lanes until `windows` are dealt; a lane
+    that runs out drops from the deal, so short lanes (a split of few, long documents leaves some lanes empty)
+    cost no windows while the split holds enough. With no short lane this is the even spread, the first
+    lanes taking the remainder. Reads the dealt windows once (every rank deals the same set)."""
+    streams = {lane: pass_windows(plan, lane) for lane in range(plan.num_lanes)}
+    quota, dealt = [0] * plan.num_lanes, 0
+    while streams and dealt < windows:
+        for lane in list(streams):
+            if dealt == windows:
+                break
+            if next(streams[lane], None) is None:
+                del streams[lane]
+                continue
+            quota[lane] += 1
+            dealt += 1
+    return quota
 
 
 def val_rank_lanes(plan: Plan, rank: int) -> list[int]:
@@ -242,36 +255,42 @@ class ValidationWindows(IterableDataset):
 
     The set depends only on the data, lanes, seq_len and `windows`, never on the layout: rank r evaluates
     the lanes it reads in training, and every rank yields the same number of samples (the fullest rank's
-    count), padded with fully masked windows. Nothing is read before iteration, and an iteration reads only
-    the windows it yields.
+    count), padded with fully masked windows. Building it reads nothing; the first use deals the set once,
+    and each iteration then reads only the windows it yields.
     """
 
     def __init__(self, plan: Plan, windows: int):
         self.plan = plan
-        self.quota = val_quota(plan, windows)
-        self.samples = max(sum(self.quota[lane] for lane in val_rank_lanes(plan, r)) for r in range(plan.dp_world))
-        self.samples = math.ceil(self.samples / plan.batch_size) * plan.batch_size
-        self._warned = False
+        self.windows = windows
+        self._quota: list[int] | None = None
+
+    @property
+    def quota(self) -> list[int]:
+        if self._quota is None:  # dealt on first use, so building the loader reads nothing
+            self._quota = val_quota(self.plan, self.windows)
+            if sum(self._quota) < self.windows:
+                log.warning(
+                    "the validation split holds %d windows of the %d asked for; the rest is padding",
+                    sum(self._quota),
+                    self.windows,
+                )
+        return self._quota
+
+    @property
+    def samples(self) -> int:
+        """Samples each rank yields: the fullest rank's share, rounded up to whole batches."""
+        most = max(sum(self.quota[lane] for lane in val_rank_lanes(self.plan, r)) for r in range(self.plan.dp_world))
+        return math.ceil(most / self.plan.batch_size) * self.plan.batch_size
 
     def __len__(self) -> int:
         return self.samples
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        emitted, short = 0, []
+        emitted = 0
         for lane in val_rank_lanes(self.plan, self.plan.dp_rank):
-            got = 0
             for window, real, _ in islice(pass_windows(self.plan, lane), self.quota[lane]):
-                got += 1
+                emitted += 1
                 yield to_sample(window, real)
-            emitted += got
-            if got < self.quota[lane]:
-                short.append(f"lane {lane} gave {got} of {self.quota[lane]}")
-        if short and not self._warned:
-            self._warned = True
-            log.warning(
-                "the validation split holds fewer windows than asked for (%s); the rest is padding",
-                ", ".join(short[:4]) + (", ..." if len(short) > 4 else ""),
-            )
         blank = np.full(self.plan.seq_len + 1, self.plan.tokenizer.pad_id, dtype=np.int64)
         for _ in range(self.samples - emitted):
             yield to_sample(blank, 0)

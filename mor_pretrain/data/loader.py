@@ -171,10 +171,10 @@ def build_dataloader(
     """Batches {"input", "labels"} of shape (micro_batch_size, seq_len) for one data-parallel rank.
 
     split "train" repeats epochs forever (shuffled when data.shuffle). "val" is the validation set: the first
-    `val_windows` windows of data.val_sources, spread evenly over the lanes (the first val_windows // lanes
-    windows of each lane, in packing order), the same set on every call and for every layout. Each rank reads
-    only its share, in the main process, when iterated, and yields len(loader) batches, the same number on
-    every rank (padding windows are fully masked with labels -100).
+    `val_windows` windows of data.val_sources, dealt round the lanes (each lane's first windows, in packing
+    order; a lane that runs out drops from the deal), the same set on every call and for every layout. Each
+    rank reads only its share, in the main process, when iterated, and yields len(loader) batches, the same
+    number on every rank (padding windows are fully masked with labels -100).
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
