@@ -56,6 +56,7 @@ class RunPlan:
     branch_step: int | None = None  # that checkpoint's step (where this run's decay begins)
     save_steps: list[int] = field(default_factory=list)  # extra checkpoints other runs branch from
     config: str = ""  # written TOML, relative to the plan folder
+    variant: str = ""  # model_variant
 
     @property
     def flops_paper(self) -> float:
@@ -71,6 +72,15 @@ def model_family(args: ModelArgs) -> str:
     if args.num_recursions == 1:
         return "vanilla"
     return "recursive" if args.router == "none" else "mor"
+
+
+def model_variant(args: ModelArgs) -> str:
+    """The family with what tells its members apart: vanilla, recursive Nr=2, MoR expert Nr=3 (KV share)."""
+    family = model_family(args)
+    if family == "vanilla":
+        return family
+    kind = "recursive" if family == "recursive" else f"MoR {args.router}"
+    return f"{kind} Nr={args.num_recursions}" + (", KV share" if args.kv_mode == "share" else "")
 
 
 def resolved_model_args(cfg: JobConfig) -> ModelArgs:
@@ -139,6 +149,7 @@ def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPl
         run = RunPlan(
             name=name,
             family=model_family(args),
+            variant=model_variant(args),
             source=source,
             budget=b,
             steps=steps,
@@ -233,7 +244,7 @@ def _si(x: float) -> str:
 def plan_table(runs: list[RunPlan]) -> str:
     """The plan as a markdown table."""
     head = (
-        "| run | family | budget | FLOPs/token paper | FLOPs/token executed | tokens | steps | warmup | decay "
+        "| run | variant | budget | FLOPs/token paper | FLOPs/token executed | tokens | steps | warmup | decay "
         "| params | non-emb params | branch |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -242,7 +253,7 @@ def plan_table(runs: list[RunPlan]) -> str:
         if r.save_steps:
             branch += f" (saves {', '.join(map(str, r.save_steps))})"
         lines.append(
-            f"| {r.name} | {r.family} | {r.budget:.3g} | {_si(r.paper_flops_per_token)} | "
+            f"| {r.name} | {r.variant or r.family} | {r.budget:.3g} | {_si(r.paper_flops_per_token)} | "
             f"{_si(r.executed_flops_per_token)} | {_si(r.tokens)} | {r.steps} | {r.warmup_steps} | {r.decay_steps} | "
             f"{_si(r.params)} | {_si(r.non_embedding_params)} | {branch} |"
         )
@@ -271,6 +282,7 @@ class Curve:
 class RunResult:
     name: str
     family: str
+    variant: str  # model_variant: what the plots and tables group by
     run_dir: str
     params: int
     non_embedding_params: int
@@ -281,13 +293,15 @@ class RunResult:
     val_loss_topk: float | None  # val/loss_topk at that step
     val_step: int | None  # the step they were logged at
     train_loss: float | None
-    eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> mean accuracy over tasks
+    eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> few-shot average (suite_average)
     eval_tasks: int
+    wall_s: float  # from the run's first to its last logged scalar (training and validation, this run only)
     curve: Curve
 
 
-def read_scalars(tb_dir: str | Path) -> dict[str, dict[int, float]]:
-    """Every scalar tag in a TensorBoard folder as {tag: {step: value}}; a step logged again keeps the last."""
+def _read_tb(tb_dir: str | Path) -> tuple[dict[str, dict[int, float]], float]:
+    """Every scalar tag as {tag: {step: value}} (a step logged again keeps the last), and the seconds from
+    the first scalar event to the last."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path = Path(tb_dir)
@@ -295,7 +309,15 @@ def read_scalars(tb_dir: str | Path) -> dict[str, dict[int, float]]:
         raise FileNotFoundError(f"no TensorBoard event files in {path}")
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    times = [e.wall_time for evs in events.values() for e in evs]
+    wall = max(times) - min(times) if times else 0.0
+    return {tag: {e.step: e.value for e in evs} for tag, evs in events.items()}, wall
+
+
+def read_scalars(tb_dir: str | Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag in a TensorBoard folder as {tag: {step: value}}; a step logged again keeps the last."""
+    return _read_tb(tb_dir)[0]
 
 
 def _at(series: dict[int, float], step: int) -> float | None:
@@ -310,22 +332,29 @@ def _at(series: dict[int, float], step: int) -> float | None:
     return series[x0] + (series[x1] - series[x0]) * (step - x0) / (x1 - x0)
 
 
-def _pick_accuracy(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Per (task, routing) one accuracy: acc_norm if reported, else acc, else any metric naming acc."""
-    rank = {"acc_norm": 0, "acc": 1}
-    best: dict[tuple[str, str], tuple[int, float]] = {}
+# The paper's few-shot average: accuracy for these, per-character normalized accuracy for the rest (where
+# reported); ARC is one task, the mean of its Easy and Challenge sets.
+PLAIN_ACC_TASKS = ("lambada", "winogrande", "mmlu")
+ARC_SETS = ("arc_easy", "arc_challenge")
+
+
+def suite_average(results: list[dict[str, Any]]) -> tuple[dict[str, float], int]:
+    """({routing ("topk", "causal", "-"): the mean over tasks of each task's accuracy}, tasks counted),
+    in the paper's convention (PLAIN_ACC_TASKS, ARC_SETS); metrics other than acc and acc_norm are ignored."""
+    best: dict[tuple[str, str], tuple[int, float]] = {}  # (task, routing) -> (preference, value)
     for r in results:
-        metric = str(r["metric"])
-        if "acc" not in metric:
+        task, metric = str(r["task"]), str(r["metric"])
+        if metric not in ("acc", "acc_norm"):
             continue
-        key = (str(r["task"]), r.get("routing") or "-")
-        order = rank.get(metric, 2)
+        order = int(metric == "acc") if task not in PLAIN_ACC_TASKS else int(metric != "acc")
+        key = (task, r.get("routing") or "-")
         if key not in best or order <= best[key][0]:
             best[key] = (order, float(r["value"]))
-    by_routing: dict[str, list[float]] = {}
-    for (_, routing), (_, value) in best.items():
-        by_routing.setdefault(routing, []).append(value)
-    return {k: sum(v) / len(v) for k, v in by_routing.items()}
+    per_task: dict[str, dict[str, list[float]]] = {}  # routing -> task -> values
+    for (task, routing), (_, value) in best.items():
+        per_task.setdefault(routing, {}).setdefault("arc" if task in ARC_SETS else task, []).append(value)
+    averages = {k: sum(sum(v) / len(v) for v in tasks.values()) / len(tasks) for k, tasks in per_task.items()}
+    return averages, max((len(tasks) for tasks in per_task.values()), default=0)
 
 
 def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -349,7 +378,7 @@ def read_run(run_dir: str | Path) -> RunResult:
     cfg = load_config(run / "config.toml")
     args = resolved_model_args(cfg)
     params, non_emb = count_params(args)
-    scalars = read_scalars(run / "tb")
+    scalars, wall = _read_tb(run / "tb")
     # Without logged progress counters, the spend follows from the step: the plan's own arithmetic.
     batch_tokens = cfg.training.global_batch_size * cfg.training.seq_len
     fpt = paper_flops_per_token(args, cfg.training.seq_len)
@@ -369,10 +398,11 @@ def read_run(run_dir: str | Path) -> RunResult:
     )
     last = max((max(s) for s in scalars.values() if s), default=0)
     train = scalars.get("train/loss", {})
-    evals = read_eval(run)
+    averages, tasks = suite_average(read_eval(run))
     return RunResult(
         name=cfg.name,
         family=model_family(args),
+        variant=model_variant(args),
         run_dir=str(run),
         params=params,
         non_embedding_params=non_emb,
@@ -383,39 +413,79 @@ def read_run(run_dir: str | Path) -> RunResult:
         val_loss_topk=curve.val_loss_topk[-1] if vsteps else None,
         val_step=vsteps[-1] if vsteps else None,
         train_loss=train[max(train)] if train else None,
-        eval_acc=_pick_accuracy(evals),
-        eval_tasks=len({e["task"] for e in evals}),
+        eval_acc=averages,
+        eval_tasks=tasks,
+        wall_s=wall,
         curve=curve,
     )
 
 
+def _order(r: RunResult) -> tuple[int, str, float, str]:
+    return FAMILY_ORDER.index(r.family), r.variant, r.flops, r.name
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def results_table(results: list[RunResult]) -> str:
-    """Markdown table: model, family, params, FLOPs, tokens, final validation losses (causal and top-k
-    routing), train loss, eval accuracy per routing mode."""
+    """Markdown table of every run: model, variant, params, FLOPs, tokens, final validation losses (causal and
+    top-k routing), train loss, few-shot average per routing mode, wall time."""
     routings = sorted({k for r in results for k in r.eval_acc})
-    acc_cols = "".join(f" eval acc ({k}) |" if k != "-" else " eval acc |" for k in routings)
+    acc_cols = "".join(f" few-shot avg ({k}) |" if k != "-" else " few-shot avg |" for k in routings)
     head = (
-        "| model | family | params | non-emb params | step | FLOPs (paper) | tokens | val loss (causal) "
-        "| val loss (top-k) | train loss |" + acc_cols
+        "| model | variant | params | non-emb params | step | FLOPs (paper) | tokens | val loss (causal) "
+        "| val loss (top-k) | train loss |" + acc_cols + " wall |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def num(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f}"
-
-    for r in sorted(results, key=lambda r: (FAMILY_ORDER.index(r.family), r.flops, r.name)):
+    for r in sorted(results, key=_order):
         accs = "".join(f" {100 * r.eval_acc[k]:.1f}% |" if k in r.eval_acc else " - |" for k in routings)
         at = f" (step {r.val_step})" if r.val_step not in (None, r.step) else ""  # validated before the end
         lines.append(
-            f"| {r.name} | {r.family} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | {r.flops:.3g} | "
-            f"{_si(r.tokens)} | {num(r.val_loss_causal)}{at} | {num(r.val_loss_topk)} | {num(r.train_loss)} |" + accs
+            f"| {r.name} | {r.variant} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | "
+            f"{r.flops:.3g} | {_si(r.tokens)} | {_num(r.val_loss_causal)}{at} | {_num(r.val_loss_topk)} | "
+            f"{_num(r.train_loss)} |" + accs + f" {r.wall_s / 60:.1f} min |"
         )
     return "\n".join(lines)
 
 
+def budget_groups(results: list[RunResult], tolerance: float = 0.05) -> list[list[RunResult]]:
+    """Runs grouped by the FLOPs they spent, smallest first: a run within `tolerance` of its group's first
+    joins it (runs planned for one budget differ by at most a step's FLOPs)."""
+    groups: list[list[RunResult]] = []
+    for r in sorted(results, key=lambda r: r.flops):
+        if groups and r.flops <= groups[-1][0].flops * (1 + tolerance):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [sorted(g, key=_order) for g in groups]
+
+
+def budget_tables(results: list[RunResult]) -> str:
+    """A markdown table per FLOP budget: variant, unique non-embedding params, tokens, steps, both validation
+    losses and the few-shot average in both routing modes (equal without expert choice)."""
+    out = []
+    for group in budget_groups(results):
+        out.append(f"### {group[-1].flops:.2g} FLOPs (paper convention)\n")
+        out.append(
+            "| model | variant | non-emb params | tokens | steps | val NLL (causal) | val NLL (top-k) "
+            "| few-shot avg (causal) | few-shot avg (top-k) |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in group:
+            acc = [r.eval_acc.get(k, r.eval_acc.get("-")) for k in ("causal", "topk")]
+            accs = " | ".join("-" if a is None else f"{100 * a:.1f}%" for a in acc)
+            out.append(
+                f"| {r.name} | {r.variant} | {_si(r.non_embedding_params)} | {_si(r.tokens)} | {r.step} | "
+                f"{_num(r.val_loss_causal)} | {_num(r.val_loss_topk)} | {accs} |"
+            )
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
     """val_loss_vs_flops.png and val_loss_vs_tokens.png: each run's causal validation curve (thin) and, per
-    family, a line through the runs' final points; dashed, the same through their top-k losses where these
+    variant, a line through the runs' final points; dashed, the same through their top-k losses where these
     differ (expert choice)."""
     try:
         import matplotlib
@@ -427,29 +497,29 @@ def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
     with_val = [r for r in results if r.curve.val_loss_causal]
     if not with_val:
         raise ValueError(f"no run has {VAL_TAGS['causal']} scalars in its tb/ folder: nothing to plot")
-    colors = {"vanilla": "tab:gray", "recursive": "tab:blue", "mor": "tab:red"}
+    variants = sorted({r.variant for r in with_val}, key=lambda v: min(_order(r) for r in with_val if r.variant == v))
+    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for axis, label in (("flops", "training FLOPs (paper convention)"), ("tokens", "training tokens")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for fam in FAMILY_ORDER:
-            runs = sorted((r for r in with_val if r.family == fam), key=lambda r: getattr(r.curve, axis)[-1])
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for variant in variants:
+            runs = sorted((r for r in with_val if r.variant == variant), key=lambda r: getattr(r.curve, axis)[-1])
             for r in runs:
-                ax.plot(getattr(r.curve, axis), r.curve.val_loss_causal, color=colors[fam], alpha=0.35, linewidth=1)
-            if runs:
-                xs = [getattr(r.curve, axis)[-1] for r in runs]
-                causal = [r.curve.val_loss_causal[-1] for r in runs]
-                ax.plot(xs, causal, "o-", color=colors[fam], label=f"{fam} (causal)")
-                topk = [math.nan if r.val_loss_topk is None else r.val_loss_topk for r in runs]
-                if any(t != c for t, c in zip(topk, causal, strict=True) if not math.isnan(t)):
-                    ax.plot(xs, topk, "s--", color=colors[fam], label=f"{fam} (top-k)")
+                ax.plot(getattr(r.curve, axis), r.curve.val_loss_causal, color=colors[variant], alpha=0.35, lw=1)
+            xs = [getattr(r.curve, axis)[-1] for r in runs]
+            causal = [r.curve.val_loss_causal[-1] for r in runs]
+            ax.plot(xs, causal, "o-", color=colors[variant], label=f"{variant} (causal)")
+            topk = [math.nan if r.val_loss_topk is None else r.val_loss_topk for r in runs]
+            if any(t != c for t, c in zip(topk, causal, strict=True) if not math.isnan(t)):
+                ax.plot(xs, topk, "s--", color=colors[variant], label=f"{variant} (top-k)")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (causal routing; dashed: top-k)")
         ax.set_title(f"validation loss vs {label}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"val_loss_vs_{axis}.png"
         fig.savefig(path, dpi=120)
@@ -461,7 +531,7 @@ def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None) -> tuple[str, list[RunResult]]:
     """Read the runs; with `out_dir`, also write results.md, results.json and the plots there."""
     results = [read_run(d) for d in run_dirs]
-    table = results_table(results)
+    table = f"## All runs\n\n{results_table(results)}\n\n## Per budget\n\n{budget_tables(results)}"
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

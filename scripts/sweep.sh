@@ -50,7 +50,9 @@ while IFS=$'\t' read -r name config run_dir ckpts init_from; do
         exit 1
     fi
     echo "== [$i/$total] $name: training ($config)"
+    start=$SECONDS
     CONFIG="$config" bash scripts/train.sh </dev/null
     touch "$run_dir/DONE"
+    echo "== [$i/$total] $name: finished in $((SECONDS - start)) s"
 done <<<"$runs"
 echo "sweep finished; report: python tools/isoflop.py report $(printf '%s\n' "$runs" | cut -f3 | tr '\n' ' ')--out DIR"

@@ -9,12 +9,15 @@ import pytest
 
 from mor_pretrain.config import dump_toml, load_config
 from mor_pretrain.isoflop import (
+    budget_groups,
     budget_tag,
     load_plan,
+    model_variant,
     plan_config,
     plan_sweep,
     read_run,
     step_fraction,
+    suite_average,
     write_plan,
     write_report,
     wsd_steps,
@@ -243,13 +246,27 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
     assert r["mor"].eval_acc == {"topk": pytest.approx(0.7), "causal": pytest.approx(0.65)}
     assert r["van_short"].eval_acc == {}
     assert (r["van"].family, r["mor"].family) == ("vanilla", "mor")
+    assert (r["van"].variant, r["mor"].variant) == ("vanilla", "MoR expert Nr=3")
     assert r["van"].params > r["mor"].params > 0  # the recursive model shares its middle layers
+    assert 0 <= r["van"].wall_s < 60
     lines = table.splitlines()
-    assert "eval acc (causal)" in lines[0] and "eval acc (topk)" in lines[0]
-    assert "| val loss (causal) | val loss (top-k) |" in lines[0]
+    head = next(line for line in lines if line.startswith("| model | variant |"))
+    assert "few-shot avg (causal)" in head and "few-shot avg (topk)" in head
+    assert "| val loss (causal) | val loss (top-k) |" in head
     row = next(line for line in lines if line.startswith("| mor |"))
     assert "| 5.2500 (step 10) | 5.0000 |" in row and "70.0%" in row and "65.0%" in row
     assert "| 5.5000 | 5.5000 |" in next(line for line in lines if line.startswith("| van |"))
+    # Per budget: van spent 9e12 and mor 8.4e12, 7% apart, more than runs of one budget: three tables.
+    assert [line for line in lines if line.startswith("### ")] == [
+        "### 3e+12 FLOPs (paper convention)",
+        "### 8.4e+12 FLOPs (paper convention)",
+        "### 9e+12 FLOPs (paper convention)",
+    ]
+    per_budget = lines[lines.index("## Per budget") :]
+    van_row = next(line for line in per_budget if line.startswith("| van |"))
+    assert van_row.endswith("| 9 | 5.5000 | 5.5000 | 45.0% | 45.0% |")  # no routing: one average, both columns
+    mor_row = next(line for line in per_budget if line.startswith("| mor |"))
+    assert mor_row.endswith("| 12 | 5.2500 | 5.0000 | 65.0% | 70.0% |")
     assert (tmp_path / "out/results.md").read_text().strip() == table
     assert json.loads((tmp_path / "out/results.json").read_text())[0]["name"] == "van"
     import matplotlib.image
@@ -272,3 +289,44 @@ def test_report_names_what_is_missing(tmp_path, capsys):
         read_run(tmp_path / "empty")
     assert isoflop_cli("report", tmp_path / "missing") == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_variants_tell_the_mor_configs_apart():
+    def variant(name, *overrides):
+        return model_variant(cfg_of(name, *overrides).model)
+
+    assert variant("vanilla_360m") == "vanilla" and variant("recursive_360m") == "recursive Nr=3"
+    assert variant("mor_360m") == "MoR expert Nr=3"
+    assert variant("mor_360m", "--model.router=token", "--model.num_recursions=2", "--model.n_layers=30") == (
+        "MoR token Nr=2"
+    )
+    assert variant("mor_360m", "--model.kv_mode=share") == "MoR expert Nr=3, KV share"
+
+
+def test_suite_average_is_the_papers():
+    """acc for LAMBADA, WinoGrande and MMLU, acc_norm for the rest, ARC one task (Easy and Challenge
+    averaged), per routing mode; other metrics ignored."""
+
+    def res(task, metric, value, routing="causal"):
+        return {"task": task, "routing": routing, "metric": metric, "value": value}
+
+    results = [
+        res("lambada", "acc", 0.10), res("lambada", "acc_norm", 0.99), res("lambada", "ppl", 40.0),
+        res("winogrande", "acc", 0.50), res("mmlu", "acc", 0.25),
+        res("hellaswag", "acc", 0.99), res("hellaswag", "acc_norm", 0.30),
+        res("arc_easy", "acc_norm", 0.40), res("arc_challenge", "acc_norm", 0.20), res("arc_challenge", "acc", 0.99),
+        res("piqa", "acc", 0.60),  # no acc_norm reported: acc
+        res("piqa", "acc", 0.70, "topk"),
+    ]  # fmt: skip
+    averages, tasks = suite_average(results)
+    assert tasks == 6  # lambada, winogrande, mmlu, hellaswag, arc, piqa
+    assert averages["causal"] == pytest.approx((0.10 + 0.50 + 0.25 + 0.30 + 0.30 + 0.60) / 6)
+    assert averages["topk"] == pytest.approx(0.70)
+    assert suite_average([res("lambada", "ppl", 3.0)]) == ({}, 0)
+
+
+def test_runs_of_one_budget_share_a_table(tmp_path):
+    runs = [fake_run(tmp_path, f"r{i}", "debug_vanilla", {4: 6.0}, flops_per_step=f) for i, f in
+            enumerate([1e12, 1.02e12, 2e12, 1.98e12, 4e12])]  # fmt: skip
+    groups = budget_groups([read_run(r) for r in runs])
+    assert [sorted(r.name for r in g) for g in groups] == [["r0", "r1"], ["r2", "r3"], ["r4"]]

@@ -85,6 +85,7 @@ def test_two_run_sweep_from_plan_to_report(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for r in runs:
         assert (Path(r.run_dir) / "DONE").is_file() and (Path(r.run_dir) / "export/config.json").is_file()
+        assert f"{r.name}: finished in " in out.stdout
     again = sweep(tmp_path / "plan")  # an interrupted or repeated sweep skips what is finished
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 2
     table, results = write_report([r.run_dir for r in runs], tmp_path / "report")
@@ -96,7 +97,7 @@ def test_two_run_sweep_from_plan_to_report(tmp_path):
         assert res.val_loss_causal is not None and 0 < res.val_loss_causal < 12  # below ln(32k) + a margin
         assert res.val_loss_topk is not None and 0 < res.val_loss_topk < 12
         assert res.curve.steps == sorted({*range(3, r.steps + 1, 3), r.steps})  # every 3 steps and the last
-        assert f"| {r.name} | {r.family} |" in table
+        assert f"| {r.name} | {r.variant} |" in table
     for png in ("val_loss_vs_flops.png", "val_loss_vs_tokens.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -152,7 +152,7 @@ def test_isoflop_report_shows_both_validation_losses_of_real_runs(tmp_path):
     )
     assert report.returncode == 0, report.stderr
     lines = report.stdout.splitlines()
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    head = [c.strip() for c in next(line for line in lines if line.startswith("| model |")).strip("|").split("|")]
     for run in runs:
         tb = read_scalars(run / "tb")
         assert sorted(tb["val/loss_causal"]) == [2, 4] and set(tb["val/loss_causal"]) <= set(tb["train/loss"])
