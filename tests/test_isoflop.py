@@ -330,3 +330,30 @@ def test_runs_of_one_budget_share_a_table(tmp_path):
             enumerate([1e12, 1.02e12, 2e12, 1.98e12, 4e12])]  # fmt: skip
     groups = budget_groups([read_run(r) for r in runs])
     assert [sorted(r.name for r in g) for g in groups] == [["r0", "r1"], ["r2", "r3"], ["r4"]]
+
+
+def test_study_configs_differ_only_in_the_model():
+    """train_configs/study (docs/RESULTS.md): one width, 8 applied layers, the same training, data and
+    schedule, three budgets 4x apart with the smaller two as cooldowns."""
+    paths = sorted((ROOT / "train_configs/study").glob("*.toml"))
+    cfgs = {p.stem: load_config(p, ["--model.vocab_size=8192"]) for p in paths}
+    assert sorted(cfgs) == ["mor_expert_nr2", "mor_expert_nr3", "mor_token_nr3", "recursive_nr2", "vanilla"]
+    base = cfgs["vanilla"]
+    for cfg in cfgs.values():
+        assert (cfg.training, cfg.optimizer, cfg.data) == (base.training, base.optimizer, base.data)
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.sharing) == (256, 8, "middle_cycle")
+        assert cfg.data.tokenizer == "data/tokenizer/corpus8k.model"
+    assert {k: model_variant(c.model) for k, c in cfgs.items()} == {
+        "vanilla": "vanilla",
+        "recursive_nr2": "recursive Nr=2",
+        "mor_expert_nr2": "MoR expert Nr=2",
+        "mor_expert_nr3": "MoR expert Nr=3",
+        "mor_token_nr3": "MoR token Nr=3",
+    }
+    runs = {k: plan_config(c, k, [2.4e13, 1.2e13, 6e12]) for k, c in cfgs.items()}
+    params = {k: r[0].non_embedding_params for k, r in runs.items()}
+    assert 1.5 < params["vanilla"] / params["recursive_nr2"] < 1.7  # 8 unique layers against 5
+    assert params["recursive_nr2"] < params["mor_expert_nr2"] < params["recursive_nr2"] * 1.01  # + a router
+    for plan in runs.values():
+        assert [r.branch_from for r in plan] == [None, plan[0].name, plan[0].name]  # trapezoid cooldowns
+        assert all(r.flops_paper == pytest.approx(r.budget, rel=0.01) for r in plan)
