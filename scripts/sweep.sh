@@ -3,9 +3,10 @@
 #   python tools/isoflop.py plan --budget ... --configs ... --out PLAN_DIR
 #   [NGPU=8] [PYTHON=python] scripts/sweep.sh PLAN_DIR
 # Each run goes through scripts/train.sh (torchrun; NGPU as there: the GPU count, or 2 CPU processes).
-# A run that ends well gets a DONE file in its run folder; finished runs (DONE, or a complete export/) are
-# skipped, so calling this again resumes an interrupted sweep. An unfinished run is simply started again:
-# train.py resumes it from its own latest checkpoint. A cooldown needs the checkpoint it branches from.
+# A run that ends well (its export written) gets a DONE file in its run folder; finished runs (DONE, or a
+# complete export/) are skipped, so calling this again resumes an interrupted sweep. An unfinished run is
+# simply started again: train.py resumes it from its own latest checkpoint. A cooldown needs the checkpoint
+# it branches from.
 set -euo pipefail
 if [[ $# -ne 1 ]]; then
     echo "usage: $0 PLAN_DIR" >&2
@@ -52,6 +53,12 @@ while IFS=$'\t' read -r name config run_dir ckpts init_from; do
     echo "== [$i/$total] $name: training ($config)"
     start=$SECONDS
     CONFIG="$config" bash scripts/train.sh </dev/null
+    # A preempted trainer (SIGTERM, SIGUSR1) saves and exits 0 without an export: not finished.
+    if [[ ! -f "$run_dir/export/config.json" ]]; then
+        echo "error: $name stopped before its last step (preempted?) and wrote no export;" \
+            "run the sweep again to resume it from its checkpoint" >&2
+        exit 1
+    fi
     touch "$run_dir/DONE"
     echo "== [$i/$total] $name: finished in $((SECONDS - start)) s"
 done <<<"$runs"

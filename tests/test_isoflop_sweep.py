@@ -49,6 +49,19 @@ def test_sweep_skips_finished_runs_and_refuses_a_missing_branch_point(tmp_path):
     assert out.stdout.count("finished, skipped") == 2 and "sweep finished" in out.stdout
 
 
+def test_a_preempted_run_is_not_marked_done(tmp_path):
+    """A preempted trainer saves and exits 0 without an export: the sweep stops there, leaves no DONE, and a
+    second sweep trains the run again (here a stand-in for torchrun that exits 0 and writes nothing)."""
+    (run,) = debug_plan(tmp_path, [2e11], "--model.vocab_size=512")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\n[[ "$1 $2" == "-m torch.distributed.run" ]] && exit 0\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    for _ in range(2):
+        out = sweep(tmp_path / "plan", PYTHON=str(fake))
+        assert out.returncode == 1 and f"{run.name}: training" in out.stdout
+        assert "stopped before its last step" in out.stderr and not (Path(run.run_dir) / "DONE").exists()
+
+
 def test_sweep_without_a_plan_says_so(tmp_path):
     out = sweep(tmp_path)
     assert out.returncode != 0 and "plan.json" in out.stderr
