@@ -28,7 +28,7 @@ stage "sweeps"
 bash scripts/sweep.sh sweeps/study
 bash scripts/sweep.sh sweeps/study_tc
 
-# Few-shot suite on every final model: the six request tasks on their first 100 items, MMLU on the first 5
+# Few-shot suite on every final model: the six request tasks on their first 100 items, MMLU on the first 2
 # of each of its 57 subjects (one --limit would give MMLU 57 x 100 items); the whole val split for the
 # largest budget. Each evaluation writes <run>/eval/<part>.json, which the report reads.
 stage "evaluation"
@@ -45,7 +45,7 @@ runs=$(ls -d runs/study/study_*)
 {
     for run in $runs; do
         echo "$run suite --tasks lambada,hellaswag,piqa,winogrande,arc_easy,arc_challenge --limit 100"
-        echo "$run mmlu --tasks mmlu --limit 5"
+        echo "$run mmlu --tasks mmlu --limit 2"
         if [[ $run == *_${BUDGETS[0]} ]]; then
             echo "$run val --tasks val --val-text data/corpus/val/shard-0000.jsonl --seq-len 256"
         fi
