@@ -428,23 +428,26 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _few_shot(r: RunResult) -> str:
+    """The few-shot averages in causal and top-k routing; a model without expert choice has one, for both."""
+    acc = [r.eval_acc.get(k, r.eval_acc.get("-")) for k in ("causal", "topk")]
+    return " | ".join("-" if a is None else f"{100 * a:.1f}%" for a in acc)
+
+
 def results_table(results: list[RunResult]) -> str:
-    """Markdown table of every run: model, variant, params, FLOPs, tokens, final validation losses (causal and
-    top-k routing), train loss, few-shot average per routing mode, wall time."""
-    routings = sorted({k for r in results for k in r.eval_acc})
-    acc_cols = "".join(f" few-shot avg ({k}) |" if k != "-" else " few-shot avg |" for k in routings)
+    """Markdown table of every run: model, variant, params, FLOPs, tokens, final validation losses and
+    few-shot averages (causal and top-k routing), train loss, wall time."""
     head = (
         "| model | variant | params | non-emb params | step | FLOPs (paper) | tokens | val loss (causal) "
-        "| val loss (top-k) | train loss |" + acc_cols + " wall |"
+        "| val loss (top-k) | train loss | few-shot avg (causal) | few-shot avg (top-k) | wall |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(results, key=_order):
-        accs = "".join(f" {100 * r.eval_acc[k]:.1f}% |" if k in r.eval_acc else " - |" for k in routings)
         at = f" (step {r.val_step})" if r.val_step not in (None, r.step) else ""  # validated before the end
         lines.append(
             f"| {r.name} | {r.variant} | {_si(r.params)} | {_si(r.non_embedding_params)} | {r.step} | "
             f"{r.flops:.3g} | {_si(r.tokens)} | {_num(r.val_loss_causal)}{at} | {_num(r.val_loss_topk)} | "
-            f"{_num(r.train_loss)} |" + accs + f" {r.wall_s / 60:.1f} min |"
+            f"{_num(r.train_loss)} | {_few_shot(r)} | {r.wall_s / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -473,11 +476,9 @@ def budget_tables(results: list[RunResult]) -> str:
         )
         out.append("|---|---|---|---|---|---|---|---|---|")
         for r in group:
-            acc = [r.eval_acc.get(k, r.eval_acc.get("-")) for k in ("causal", "topk")]
-            accs = " | ".join("-" if a is None else f"{100 * a:.1f}%" for a in acc)
             out.append(
                 f"| {r.name} | {r.variant} | {_si(r.non_embedding_params)} | {_si(r.tokens)} | {r.step} | "
-                f"{_num(r.val_loss_causal)} | {_num(r.val_loss_topk)} | {accs} |"
+                f"{_num(r.val_loss_causal)} | {_num(r.val_loss_topk)} | {_few_shot(r)} |"
             )
         out.append("")
     return "\n".join(out).rstrip()
