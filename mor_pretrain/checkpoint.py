@@ -537,12 +537,17 @@ STRUCTURAL_KEYS = {
 }
 
 
-def config_differences(saved_toml: str, current: dict[str, Any]) -> list[str]:
-    """Structural keys that differ between a checkpoint's saved config and the current one."""
+def config_differences(
+    saved_toml: str, current: dict[str, Any], keys: dict[str, list[str]] | None = STRUCTURAL_KEYS
+) -> list[str]:
+    """`keys` (default: the structural ones; None: every key of `current`) that differ between a checkpoint's
+    saved config and the current one; a key the saved config lacks is not a difference."""
     saved = tomllib.loads(saved_toml)
+    if keys is None:
+        keys = {section: list(values) for section, values in current.items() if isinstance(values, dict)}
     diffs = []
-    for section, keys in STRUCTURAL_KEYS.items():
-        for key in keys:
+    for section, names in keys.items():
+        for key in names:
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if old is not None and old != new:
                 diffs.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,11 +59,6 @@ from mor_pretrain.metrics import (
 from mor_pretrain.models import MoRModel
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from mor_pretrain.parallel import DTYPES, build_mesh, dp_coordinates, parallelize
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -534,14 +528,7 @@ def lock_run_dir(run_dir: Path, rank: int) -> RunLock | None:
 
 def nothing_to_do(cfg: JobConfig, finished_toml: str, step: int) -> None:
     """A finished run relaunched: say so; a changed config is an error (it was never trained with)."""
-    saved, now = tomllib.loads(finished_toml), config_to_dict(cfg)
-    diffs = [
-        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-        for section, values in now.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-        if saved.get(section, {}).get(key) != value
-    ]
+    diffs = config_differences(finished_toml, config_to_dict(cfg), keys=None)
     msg = f"run {cfg.run_dir} already finished at step {step} (training.steps = {cfg.training.steps}): nothing to do"
     if diffs:
         raise ConfigError(f"{msg}, but this launch's config differs from the one it ran with: " + "; ".join(diffs))
