@@ -5,8 +5,12 @@ config) and, once every rank has finished writing, `COMPLETE`: a JSON manifest w
 of every other file. Only complete checkpoints are loaded or counted when pruning, so a crash mid-save leaves the
 previous checkpoint usable, and every file is verified against the manifest before anything is read.
 
-Nothing here unpickles: the per-rank state is JSON, and DCP's pickled `.metadata` is first checked with an
-unpickler that admits only the classes DCP metadata is made of.
+Nothing here unpickles what can run code: the per-rank state is JSON, DCP's pickled `.metadata` is first
+checked with an unpickler that admits only the classes DCP metadata is made of (and storage entries that
+name files of the folder), and DCP's non-tensor items (train state, scheduler, optimizer param groups) are
+read with `torch.load(weights_only=True)`, which admits plain values only.
+
+Collectives go over the host (gloo) group of mor_pretrain.distributed, never the default group.
 
 Top-level keys: "model" and "optimizer" (sharded DTensors via torch.distributed.checkpoint.state_dict, so a
 checkpoint saved on one mesh loads on another), "lr_scheduler" and "train_state" (identical on every rank),
@@ -42,6 +46,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mor_pretrain.config import CheckpointConfig
+from mor_pretrain.distributed import barrier, host_group, rank, world_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -196,14 +203,47 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_dcp_metadata(path: Path) -> None:
-    """Refuse a `.metadata` that holds anything but DCP metadata, before DCP unpickles it."""
+    """Refuse a `.metadata` that holds anything but DCP metadata, or whose storage entries name a file
+    outside the folder, before DCP unpickles it."""
     meta = path / ".metadata"
     try:
-        _MetadataUnpickler(io.BytesIO(meta.read_bytes())).load()
+        metadata = _MetadataUnpickler(io.BytesIO(meta.read_bytes())).load()
+        storage = getattr(metadata, "storage_data", None) or {}
+        files = {getattr(info, "relative_path", None) for info in storage.values()}
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a DCP checkpoint: {meta} is missing") from None
     except Exception as e:  # truncated, garbled or hostile: none of it is loaded
         raise CheckpointError(f"refusing to load {meta}: {type(e).__name__}: {e}") from None
+    for name in files:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"refusing to load {meta}: a storage entry names {name!r}, not a file of {path}")
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles the non-tensor items of a state dict with weights_only=False, so a
+    forged `.distcp` could run code. Ours reads them with weights_only=True (plain numbers, strings,
+    containers and tensors only) and hands DCP a re-serialized copy of what it read."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"item {read_item.dest_index.fqn!r} is not plain data (refused, nothing of it was run): "
+                f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        super().load_bytes(read_item, clean)
+
+
+def dcp_load(state_dict: dict[str, Any], path: Path) -> None:
+    """dcp.load through SafeLoadPlanner over the host group; any failure is a CheckpointError naming path."""
+    try:
+        dcp.load(state_dict, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=host_group())
+    except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip()[-500:]}") from None
 
 
 class RunLock:
@@ -229,25 +269,14 @@ class RunLock:
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every parameter of the (possibly sharded) model is finite on every rank."""
-    ok = torch.ones((), dtype=torch.int32)
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if not torch.isfinite(local.detach()).all():
-            ok.zero_()
-            break
+    """Whether every parameter of the (possibly sharded) model is finite on every rank: one check on the
+    parameters' device, one host copy, then a MIN over the host group."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = [torch.isfinite(t.detach()).all() for t in local if t.numel()]
+    ok = torch.stack(finite).all().to("cpu", torch.int32) if finite else torch.ones((), dtype=torch.int32)
     if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=host_group())
     return bool(ok.item())
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class ModelState:
@@ -314,7 +343,8 @@ def rng_state() -> dict[str, Any]:
         "torch": _b64(torch.get_rng_state()),
         "python": [version, list(internal), gauss_next],
         "numpy": [name, np.asarray(keys).tolist(), pos, has_gauss, gauss],
-        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+        # The current device's only: a resume may see fewer GPUs (one per task under SLURM, a smaller node).
+        "cuda": _b64(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
     }
 
 
@@ -325,7 +355,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
 
 
 @dataclass
@@ -384,22 +414,22 @@ class Checkpointer:
             )
         if (path / COMPLETE).is_file():
             raise CheckpointError(f"refusing to overwrite the complete checkpoint {path}")
-        if _rank() == 0:
+        if rank() == 0:
             if path.exists():  # a leftover of a crashed save at this step
                 shutil.rmtree(path)
             path.mkdir(parents=True)
             (path / "config.toml").write_text(self.config_toml)
-        _barrier()
+        barrier()
         start = time.perf_counter()
         extra = {key: obj.state_dict() for key, obj in per_rank.items()} | {"rng": rng_state()}
-        (path / f"rank{_rank()}.json").write_text(json.dumps(extra))
+        (path / f"rank{rank()}.json").write_text(json.dumps(extra))
         sd = dict(states)
         if self.cfg.async_save and not wait:
             future = dcp.async_save(sd, checkpoint_id=str(path), process_group=self.async_group)
             record = SaveRecord(step, time.perf_counter() - start)
             self._pending = (future, step, start)
         else:
-            dcp.save(sd, checkpoint_id=str(path))
+            dcp.save(sd, checkpoint_id=str(path), process_group=host_group())
             record = SaveRecord(step, time.perf_counter() - start)
             self._mark_complete(step)
             record.total_s = time.perf_counter() - start
@@ -426,7 +456,7 @@ class Checkpointer:
     def _mark_complete(self, step: int) -> None:
         # DCP writes its metadata on rank 0 only after gathering every rank's write results, so when rank 0's
         # save has returned, all ranks' data is on disk: no barrier needed (and none allowed in poll()).
-        if _rank() == 0:
+        if rank() == 0:
             mark_complete(step_dir(self.root, step), step)
             self._prune()
 
@@ -445,7 +475,7 @@ class Checkpointer:
     # ----- loading ------------------------------------------------------------------------------
     def resolve_load_step(self) -> int | None:
         """The step to resume from: checkpoint.load_step if set (must be complete), else the latest."""
-        steps = complete_steps(self.root, log_skipped=_rank() == 0)
+        steps = complete_steps(self.root, log_skipped=rank() == 0)
         want = self.cfg.load_step
         if want >= 0:
             if want not in steps:
@@ -480,13 +510,10 @@ class Checkpointer:
             check_config(saved_cfg.read_text())
         meta_keys = {k.split(".")[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
         sd = {k: v for k, v in states.items() if k in meta_keys}
-        try:
-            dcp.load(sd, checkpoint_id=str(path))
-        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip()[-500:]}") from None
+        dcp_load(sd, path)
         if pickled := sorted(f for f in files if f.endswith(".pt")):
             raise CheckpointError(f"{path / pickled[0]}: per-rank state as a pickle is never loaded (unsafe)")
-        own = f"rank{_rank()}.json"
+        own = f"rank{rank()}.json"
         name = own if own in files else "rank0.json"  # a rank the saving job did not have
         if name in files:
             extra = _read_json(path / name)
@@ -502,11 +529,11 @@ class Checkpointer:
     @staticmethod
     def _verify(path: Path, names: list[str]) -> None:
         """Each rank checks its share of the files; every rank raises if any share fails."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        problems: list[str | None] = [verify_files(path, names[_rank() :: world])]
+        world = world_size()
+        problems: list[str | None] = [verify_files(path, names[rank() :: world])]
         if world > 1:
             problems = [None] * world
-            dist.all_gather_object(problems, verify_files(path, names[_rank() :: world]))
+            dist.all_gather_object(problems, verify_files(path, names[rank() :: world]), group=host_group())
         found = [p for p in problems if p is not None]
         if found:
             raise CheckpointError(f"checkpoint {path} is damaged: {found[0]}{_last_good_hint(path)}")
@@ -558,16 +585,12 @@ class PreemptionWatcher:
     """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step; every rank agrees on it.
 
     Schedulers signal each process, but not necessarily at the same step, so the flag is max-reduced over
-    a CPU (gloo) group: all ranks stop after the same step, save together and exit 0.
+    the host (gloo) group: all ranks stop after the same step, save together and exit 0.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
-        self._group: dist.ProcessGroup | None = None
-        if dist.is_initialized():
-            group = dist.new_group(backend="gloo")
-            assert isinstance(group, dist.ProcessGroup)  # every rank is a member
-            self._group = group
+        self._group = host_group()
         for sig in signals:
             signal.signal(sig, self._handle)
 

@@ -34,7 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
-from mor_pretrain.checkpoint import COMPLETE, check_dcp_metadata, mark_complete, verify_checkpoint
+from mor_pretrain.checkpoint import (
+    COMPLETE,
+    SafeLoadPlanner,
+    check_dcp_metadata,
+    mark_complete,
+    verify_checkpoint,
+)
 from mor_pretrain.config import load_config
 from mor_pretrain.export import load_exported, save_exported, save_tokenizer
 from mor_pretrain.models import ModelArgs, MoRModel
@@ -130,7 +136,7 @@ def load_dcp_model(
     for chunk in _chunks(state, _CHUNK_BYTES):
         try:
             with _single_process():
-                dcp.load({"model": chunk}, checkpoint_id=str(ckpt))
+                dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner())
         except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
             last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             raise ValueError(f"cannot read checkpoint {ckpt} (truncated or corrupt?): {last}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -20,26 +21,52 @@ from mor_pretrain.config import MetricsConfig
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, no sparsity). The first entry whose
-# key occurs in the device name wins, so the more specific names come first.
-PEAK_TFLOPS: dict[str, float] = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,  # SXM: "NVIDIA H100 80GB HBM3"
-    "H200": 989.0,
-    "H800": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "MI300X": 1307.0,
+# Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, no sparsity), by (model, variant).
+# A device name is split into words (at spaces, dashes and underscores): the model must be one of its words
+# ("L4" is not "L40"), and so must the variant, if any; a name with no variant word is the model's SXM (or
+# only) form. A variant word this table does not know makes the device unknown: no MFU beats a wrong one.
+PEAK_TFLOPS: dict[tuple[str, str], float] = {
+    ("H100", ""): 989.0,  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H100", "PCIE"): 756.0,
+    ("H100", "NVL"): 835.0,
+    ("H200", ""): 989.0,
+    ("H200", "NVL"): 835.0,
+    ("H800", ""): 989.0,
+    ("H800", "PCIE"): 756.0,
+    ("H20", ""): 148.0,
+    ("GH200", ""): 989.0,
+    ("B200", ""): 2250.0,
+    ("A100", ""): 312.0,  # SXM4 and PCIe alike
+    ("A100", "PCIE"): 312.0,
+    ("A800", ""): 312.0,
+    ("A800", "PCIE"): 312.0,
+    ("L40S", ""): 362.0,
+    ("L40", ""): 181.0,
+    ("L4", ""): 121.0,
+    ("MI300X", ""): 1307.0,
 }
+_VARIANTS = {variant for _, variant in PEAK_TFLOPS if variant}
+_FORM_WORDS = {"SXM", "SXM4", "SXM5", "HBM3", "HBM3E"}  # spell out the default form
 
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def table_peak(name: str) -> float | None:
+    """The datasheet peak (TFLOP/s) of a device called `name`, or None if the table does not know it."""
+    words = set(re.split(r"[\s_\-]+", name.upper()))
+    variants = words & _VARIANTS
+    if len(variants) > 1:
+        return None
+    variant = variants.pop() if variants else ""
+    for (model, form), tflops in PEAK_TFLOPS.items():
+        if model in words and form == variant:
+            unknown = words - {model, form, "NVIDIA", "AMD", "INSTINCT", "TESLA"} - _FORM_WORDS
+            # memory sizes ("80GB", "141GB") are fine; any other word may name a variant we do not know
+            if all(re.fullmatch(r"\d+GB", w) for w in unknown):
+                return tflops
+    return None
 
 
 def peak_flops(name: str, override_tflops: float, warn: bool = True) -> float | None:
@@ -47,9 +74,9 @@ def peak_flops(name: str, override_tflops: float, warn: bool = True) -> float | 
     if unknown: a guessed peak would report a wrong MFU, which is worse than none."""
     if override_tflops > 0:
         return override_tflops * 1e12
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
+    tflops = table_peak(name)
+    if tflops is not None:
+        return tflops * 1e12
     if warn:
         logger.warning("no bf16 peak known for device %r: MFU is not reported; set metrics.peak_tflops", name)
     return None
@@ -84,11 +111,15 @@ def physical_memory() -> int:
 
 
 def reduce_scalars(
-    sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor] | None = None, replicas: int = 1
+    sums: dict[str, torch.Tensor],
+    maxes: dict[str, torch.Tensor] | None = None,
+    replicas: int = 1,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Sum `sums` and take the maximum of `maxes` over all ranks in ONE collective and ONE host sync.
 
     replicas: ranks holding the same data (tensor-parallel ranks), whose sums are counted once.
+    group: every rank, on the tensors' device (mor_pretrain.distributed.device_group).
     """
     maxes = maxes or {}
     names = [*sums, *maxes]
@@ -97,7 +128,7 @@ def reduce_scalars(
     flat = torch.stack([t.detach().float().reshape(()) for t in (*sums.values(), *maxes.values())])
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
+        dist.all_gather(gathered, flat, group=group)
         stacked = torch.stack(gathered)
         flat = torch.cat([stacked[:, : len(sums)].sum(0) / replicas, stacked[:, len(sums) :].amax(0)])
     return dict(zip(names, flat.tolist(), strict=True))

@@ -51,9 +51,11 @@ def mesh_shape(cfg: ParallelismConfig, world_size: int) -> tuple[int, int, int]:
 
 
 def build_mesh(cfg: ParallelismConfig, device_type: str) -> DeviceMesh:
-    """A 3-D mesh (dp_replicate, dp_shard, tp) over the initialized default process group."""
+    """A 3-D mesh (dp_replicate, dp_shard, tp) over the initialized default process group. A CPU mesh has
+    gloo groups of its own, whatever the default group's backend (see mor_pretrain.distributed)."""
     shape = mesh_shape(cfg, dist.get_world_size())
-    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    override: dict[int | str, Any] | None = {dim: "gloo" for dim in MESH_DIMS} if device_type == "cpu" else None
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS, backend_override=override)
 
 
 def dp_coordinates(mesh: DeviceMesh) -> tuple[int, int]:
@@ -184,9 +186,10 @@ def apply_fsdp(
     A tied embedding is also the head's weight, used in the root's forward, so it stays in the root unit.
     """
     dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-    shard = partial(
-        fully_shard, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    )
+    # No input casts: the activations come out of bf16 weights in bf16 anyway, and the one float input
+    # that is not an activation, the RoPE table, must stay fp32 (rotations at bf16 lose position accuracy).
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    shard = partial(fully_shard, mesh=dp_mesh, mp_policy=policy)
     # The first and last blocks also return their K/V for caches and KV sharing; V is a view of its
     # projection. FSDP2 warns about view outputs because an in-place write would skip its hook; the model
     # never writes activations in place, and the FSDP tests compare gradients with the unsharded model.

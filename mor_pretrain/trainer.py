@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ from mor_pretrain.checkpoint import (
 from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
 from mor_pretrain.data import DataError, build_dataloader, load_tokenizer
 from mor_pretrain.data.tokenizer import padded_vocab_size
+from mor_pretrain.distributed import barrier, device_group, host_group, init_distributed
 from mor_pretrain.export import save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.metrics import (
@@ -97,12 +96,16 @@ class Parallel:
     def rank(self) -> int:
         return dist.get_rank()
 
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """A reduced copy of `t` over every rank, on this rank's device (whatever device `t` was on)."""
+        t = t.to(self.device, copy=True)
+        dist.all_reduce(t, op=op, group=device_group(self.device))
+        return t
+
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a per-rank quantity over data-parallel ranks. TP ranks hold the same data, so the world sum
         counts it tp times."""
-        t = t.clone()
-        dist.all_reduce(t)
-        return t / self.tp
+        return self.all_reduce(t) / self.tp
 
 
 @dataclass
@@ -117,33 +120,26 @@ class StepLosses:
     tc_load: torch.Tensor | None = None  # token-choice tokens per depth, summed over micro-batches
 
 
-def init_distributed(device_kind: str) -> torch.device:
-    """Join (or, without torchrun, create) the process group; gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if device_kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device is 'cuda' but no CUDA device is visible")
-    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), device_id=device if use_cuda else None)
-    return device
+def configure_determinism(device: torch.device) -> None:
+    """training.deterministic: deterministic kernels only. cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before
+    its first matmul, or the first one raises; a value other than its two deterministic ones is refused."""
+    if device.type == "cuda":
+        value = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if value not in (":4096:8", ":16:8"):
+            raise ConfigError(
+                f"training.deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8); it is {value!r}"
+            )
+        logger.warning("training.deterministic on CUDA: slower kernels (no cuDNN attention, deterministic cuBLAS)")
+    torch.use_deterministic_algorithms(True)
 
 
 def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRModel:
-    """Build on meta, parallelize, allocate on the device, then load rank 0's seeded initialization.
+    """Build on meta, parallelize, allocate on the device, then load the seeded initialization.
 
     Random init applied to sharded DTensors is not layout-invariant on CPU (each shard draws the same
-    numbers), so rank 0 initializes the full model on CPU and broadcasts it: the same seed gives the same
-    weights on any mesh, and a distributed run starts exactly where a single-process one does.
+    numbers), so every rank initializes the full model on CPU from the same seed and keeps its shards
+    (distributed over the mesh's groups): the same seed gives the same weights on any mesh, and a
+    distributed run starts exactly where a single-process one does.
     """
     with torch.device("meta"):
         model = MoRModel(cfg.model)
@@ -151,14 +147,10 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()  # fills the non-persistent buffers (RoPE); parameters are overwritten below
-    full: dict[str, Any] = {}
-    if dist.get_rank() == 0:
-        torch.manual_seed(cfg.training.seed)
-        reference = MoRModel(cfg.model)
-        reference.init_weights()
-        full = reference.state_dict()
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full, options=options)
+    torch.manual_seed(cfg.training.seed)
+    reference = MoRModel(cfg.model)
+    reference.init_weights()
+    set_model_state_dict(model, reference.state_dict(), options=StateDictOptions(full_state_dict=True))
     return model
 
 
@@ -260,7 +252,9 @@ def train_step(
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
     if losses.tc_load is not None:  # token choice: the global batch's load, for the bias and the FLOP count
-        dist.all_reduce(losses.tc_load)  # TP duplicates scale every count alike; both uses are scale-free
+        losses.tc_load = par.all_reduce(
+            losses.tc_load
+        )  # TP duplicates scale every count alike; both uses are scale-free
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
     if skipped:
@@ -294,8 +288,7 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
     way: one pass, logged under both names. Ranks run the same number of forwards (the smallest count
     among them) so FSDP collectives match."""
     batches = list(islice(iter(loader), n_batches))
-    n = torch.tensor(len(batches), device=par.device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = par.all_reduce(torch.tensor(len(batches)), op=dist.ReduceOp.MIN)
     if n.item() == 0:
         raise DataError("validation: the val split gave no batch on some rank; check data.val_sources")
     modes = VAL_MODES if model.args.router == "expert" else VAL_MODES[:1]
@@ -374,7 +367,7 @@ def log_step(
         "window/data_s": ones * window.data_s,
         **{f"mem/{k}": ones * v for k, v in memory_stats(par.device).items()},
     }
-    values = reduce_scalars(shares, maxed, replicas=par.tp)
+    values = reduce_scalars(shares, maxed, replicas=par.tp, group=device_group(par.device))
     values.update(count_fractions({k: values.pop(k) for k in list(values) if k.startswith("count/")}))
     scored = values.pop("window/scored_tokens")
     data_s = values.pop("window/data_s")
@@ -420,7 +413,7 @@ def train(cfg: JobConfig) -> TrainState:
     par = Parallel(device, mesh, dp_rank, dp_world, mesh["tp"].size())
     accum = grad_accumulation(cfg, dp_world)
     if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+        configure_determinism(device)
     size_vocabulary(cfg)
     lock = lock_run_dir(cfg.run_dir, par.rank)
 
@@ -520,7 +513,7 @@ def lock_run_dir(run_dir: Path, rank: int) -> RunLock | None:
             lock = RunLock(run_dir)
         except CheckpointError as e:
             error = [str(e)]
-    dist.broadcast_object_list(error, src=0)
+    dist.broadcast_object_list(error, src=0, group=host_group())
     if error[0]:
         raise CheckpointError(error[0])
     return lock
@@ -539,7 +532,7 @@ def nothing_to_do(cfg: JobConfig, finished_toml: str, step: int) -> None:
 def finish(state: TrainState, lock: RunLock | None = None) -> TrainState:
     """Leave the process group together: no rank exits while another still talks to it. (Its gloo threads
     outlive it; train.py then exits without interpreter teardown, see train.leave.)"""
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
     if lock is not None:
         lock.release()

@@ -64,6 +64,19 @@ def train_byte_bpe(texts: list[str], path: Path, specials: tuple[str, ...] = ("<
     return path
 
 
+# The default group's backend in multi-process tests: gloo for "cuda" tensors only, a backend map without a
+# CPU entry, like nccl's. A collective that falls back on the default group (a CPU tensor, an object
+# collective, a barrier) fails here as it would under nccl on a GPU; see mor_pretrain.distributed.
+GPU_LIKE_BACKEND = "cuda:gloo"
+
+
+def cpu_mesh(world: int):
+    """A 1-D CPU mesh over `world` ranks with gloo groups of its own (the default group may serve CUDA only)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,), backend_override={0: "gloo"})
+
+
 def spawn(fn: Callable[..., None], nprocs: int, *args) -> None:
     """mp.spawn(fn, args, nprocs) whose workers leave with os._exit(0) once fn(rank, *args) returns.
 

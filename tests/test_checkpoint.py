@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import spawn, tiny_model
+from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_model
 
 from mor_pretrain.checkpoint import (
     COMPLETE,
@@ -22,6 +23,7 @@ from mor_pretrain.checkpoint import (
     step_dir,
 )
 from mor_pretrain.config import CheckpointConfig
+from mor_pretrain.distributed import barrier
 
 
 class Counter:
@@ -94,6 +96,26 @@ def test_rng_state_round_trips(tmp_path):
     torch.testing.assert_close(torch.rand(4), after)
 
 
+def test_cuda_rng_state_is_the_current_devices_so_fewer_gpus_can_resume(monkeypatch):
+    """A node with 8 visible GPUs saves; a task that sees one GPU (SLURM, a smaller node) restores. Only the
+    current device's CUDA generator is saved and restored: the all-devices calls would fail on the resume."""
+    from mor_pretrain.checkpoint import rng_state, set_rng_state
+
+    restored = []
+
+    def every_device(*_):
+        raise AssertionError("the RNG state of every visible device is not portable to fewer devices")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.arange(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_device)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_device)
+    state = json.loads(json.dumps(rng_state()))  # as the per-rank JSON file holds it
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], torch.arange(16, dtype=torch.uint8))
+
+
 def test_explicit_load_step_must_exist_and_incomplete_is_ignored(tmp_path):
     model, opt = make()
     ck = Checkpointer(CheckpointConfig(keep_latest=5), tmp_path)
@@ -134,12 +156,15 @@ def test_async_save_completes_and_reports_stall(tmp_path):
 def _fsdp_worker(rank, world, ckdir, out, save):
     # A file rendezvous: no port to pick, so no race with other processes for one.
     init = f"file://{ckdir}/rendezvous-{'save' if save else 'load'}"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        GPU_LIKE_BACKEND, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     from torch.distributed.fsdp import fully_shard
 
     model, _ = make(seed=0)
-    fully_shard(model.stack)
-    fully_shard(model)
+    mesh = cpu_mesh(world)
+    fully_shard(model.stack, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ck = Checkpointer(CheckpointConfig(), Path(ckdir))
     counter = Counter(rank)
@@ -153,7 +178,7 @@ def _fsdp_worker(rank, world, ckdir, out, save):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"model": full, "counter": counter.n}, out)
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import spawn, tiny_args, tiny_model
+from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_args, tiny_model
 
 from mor_pretrain.checkpoint import mark_complete
 from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
@@ -22,6 +22,7 @@ from mor_pretrain.convert import (
     unpermute_qk,
     upcycle,
 )
+from mor_pretrain.distributed import barrier, host_group
 from mor_pretrain.export import load_exported
 from mor_pretrain.models import MoRModel
 from mor_pretrain.models.layers import apply_rope, rope_table
@@ -85,17 +86,20 @@ def test_bad_checkpoints_are_refused(tmp_path):
 
 def _fsdp_save_worker(rank, world, init, ckpt):
     os.environ.update(OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        GPU_LIKE_BACKEND, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_model(seed=7, router="expert")
-    fully_shard(model.stack)
-    fully_shard(model)
-    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
+    mesh = cpu_mesh(world)
+    fully_shard(model.stack, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt, process_group=host_group())
     if rank == 0:  # dcp.save has returned on rank 0: every rank's files are written
         mark_complete(Path(ckpt), 1)
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

@@ -19,11 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import spawn, train_bpe
+from conftest import GPU_LIKE_BACKEND, spawn, train_bpe
 
 from mor_pretrain.config import DataConfig
 from mor_pretrain.data import DataError, build_dataloader, dataset, load_tokenizer, resolve_vocab_size
 from mor_pretrain.data.sources import Skips, iter_texts, open_source
+from mor_pretrain.distributed import barrier
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "was", "with", "be", "king", "river", "stone"]
@@ -367,7 +368,7 @@ def _resume_rank(rank: int, world: int, init: str, out: Path, formats: dict, n: 
     torch.set_num_threads(1)
     mp.set_start_method("fork", force=True)  # spawned ranks default to spawning their loader workers (slow)
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        GPU_LIKE_BACKEND, init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     results = {}
     for name, kw in formats.items():
@@ -397,7 +398,7 @@ def _resume_rank(rank: int, world: int, init: str, out: Path, formats: dict, n: 
             tail_two=windows(tail_two),
         )
     (out / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import GPU_LIKE_BACKEND, tiny_args
 from conftest import spawn as spawn_workers
-from conftest import tiny_args
 from torch.distributed.tensor import DTensor
 
 from mor_pretrain.config import JobConfig, OptimizerConfig, ParallelismConfig, TrainingConfig
+from mor_pretrain.distributed import barrier
 from mor_pretrain.models import MoRModel
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from mor_pretrain.parallel import build_mesh, dp_coordinates
@@ -128,11 +129,11 @@ def _entry(rank: int, world: int, init: str, out_dir: Path, fn, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        GPU_LIKE_BACKEND, init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     result = fn(*args)
     torch.save(result, out_dir / f"rank{rank}.pt")
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 
@@ -346,7 +347,7 @@ def _train_layouts(out: Path, micro: int, par: dict) -> None:
     for i, variant in enumerate(("expert", "token")):
         if i:  # train() leaves the process group at its end; join a fresh one for the next run
             dist.init_process_group(
-                "gloo", init_method=f"file://{out}/rendezvous-{variant}", rank=rank, world_size=world
+                GPU_LIKE_BACKEND, init_method=f"file://{out}/rendezvous-{variant}", rank=rank, world_size=world
             )
         cfg = make_cfg(variant, micro=micro, **par)
         cfg.name, cfg.run_root = variant, str(out)
@@ -368,7 +369,7 @@ def _spawned_train(rank: int, world: int, init: str, out: Path, micro: int, par:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        GPU_LIKE_BACKEND, init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     _train_layouts(out, micro, par)
 
@@ -474,3 +475,33 @@ def test_validation_logs_the_causal_and_the_topk_loss(tmp_path):
             assert abs(ref["topk"] - ref["causal"]) > 20e-6 * ref["topk"]  # the modes differ beyond the tolerance
         else:
             assert got[variant]["val/loss_topk"] == got[variant]["val/loss_causal"]
+
+
+def _rope_dtypes() -> dict[str, list[torch.dtype]]:
+    import mor_pretrain.models.layers as layers
+
+    seen: dict[str, list[torch.dtype]] = {"x": [], "rope": [], "out": []}
+    real = layers.apply_rope
+
+    def recording(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        out = real(x, rope)
+        for key, t in (("x", x), ("rope", rope), ("out", out)):
+            seen[key].append(t.dtype)
+        return out
+
+    layers.apply_rope = recording
+    cfg = make_cfg("expert")
+    cfg.training.dtype = "bfloat16"
+    mesh = build_mesh(cfg.parallelism, "cpu")
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    inputs, labels = make_data()
+    model(inputs[0], labels[0], return_logits=False).loss.backward()
+    return seen
+
+
+def test_rope_table_stays_fp32_under_bf16_fsdp(tmp_path):
+    """FSDP2 casts floating forward inputs to the param dtype by default; the RoPE table is an input of
+    the blocks and the stack, and must reach the rotation in fp32 (queries and keys stay bf16)."""
+    seen = spawn(2, tmp_path, _rope_dtypes)[0]
+    assert seen["rope"] and set(seen["rope"]) == {torch.float32}
+    assert set(seen["x"]) == set(seen["out"]) == {torch.bfloat16}

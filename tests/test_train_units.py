@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,14 +90,64 @@ def test_grad_accumulation_needs_whole_micro_batches():
         grad_accumulation(cfg, 3)
 
 
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),  # not the SXM figure
+        ("NVIDIA H800", 989.0),
+        ("NVIDIA H800 PCIe", 756.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100-PCIE-40GB", 312.0),
+        ("NVIDIA L40", 181.0),  # not the L4
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA B200", 2250.0),
+        ("AMD Instinct MI300X", 1307.0),
+        ("NVIDIA RTX 6000 Ada Generation", None),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice of the card: its peak is not the card's
+        ("NVIDIA H100 PCIe NVL", None),
+    ],
+)
+def test_peak_table_matches_whole_words(name, tflops):
+    from mor_pretrain.metrics import table_peak
+
+    assert table_peak(name) == tflops
+
+
 def test_peak_table_override_and_unknown_device(caplog):
     assert peak_flops("NVIDIA H100 80GB HBM3", 0.0) == 989e12
-    assert peak_flops("NVIDIA H100 PCIe", 0.0) == 756e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", 0.0) == 312e12
     assert peak_flops("cpu", 2.5) == 2.5e12
     with caplog.at_level(logging.WARNING):
         assert peak_flops("cpu", 0.0) is None
     assert "MFU is not reported" in caplog.text
+
+
+def test_deterministic_cuda_sets_the_cublas_workspace_or_refuses_a_wrong_one(monkeypatch):
+    """cuBLAS raises at its first matmul under deterministic algorithms unless CUBLAS_WORKSPACE_CONFIG is
+    set; the trainer sets it (before any matmul) and refuses a value that is not deterministic."""
+    from mor_pretrain.trainer import configure_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_determinism(torch.device("cuda"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        configure_determinism(torch.device("cuda"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+        with pytest.raises(ConfigError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+            configure_determinism(torch.device("cuda"))
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+        configure_determinism(torch.device("cpu"))  # the CPU needs no workspace setting
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_count_fractions_and_the_global_maxvio():

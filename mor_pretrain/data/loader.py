@@ -24,6 +24,7 @@ from mor_pretrain.config import DataConfig
 from mor_pretrain.data.dataset import MARK_FIELDS, PackedDataset, Plan, ValidationWindows, owned_lanes, pick_lane
 from mor_pretrain.data.sources import DataError, Source, open_source, tokens_index
 from mor_pretrain.data.tokenizer import Tokenizer, load_tokenizer
+from mor_pretrain.distributed import host_group
 
 STATE_VERSION = 2
 
@@ -81,9 +82,7 @@ class PackedLoader(StatefulDataLoader):
         for lane, mark in enumerate(self._marks):
             if mark and lane % plan.lanes % plan.dp_world == plan.dp_rank:
                 marks[lane] = torch.tensor(mark)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        marks = marks.to(device)
-        dist.all_reduce(marks, op=dist.ReduceOp.MAX)  # one owner per lane (tensor-parallel peers agree)
+        dist.all_reduce(marks, op=dist.ReduceOp.MAX, group=host_group())  # one owner per lane (TP peers agree)
         return [row if row[0] >= 0 else [] for row in marks.tolist()]
 
     def _identity(self) -> dict[str, Any]:
