@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import math
 import os
 import shutil
@@ -224,12 +225,52 @@ def test_profile_kernel_classes(kernel: str, cls: str) -> None:
     assert tools_module("gpu_check").classify(kernel) == cls
 
 
-@pytest.mark.slow  # the whole check on a tiny CPU shape: 25 to 70 s on 2 (shared) cores
+# Imported first by every Python process of the check (through PYTHONPATH): torchdata imports only from
+# the folder the script unpacks wheels into, as on the GPU machine, which has none of its own.
+HIDE_TORCHDATA = """
+import importlib.machinery, os, sys
+
+class OnlyFromUnpackedWheels:
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchdata":
+            return None
+        deps = os.environ["GPU_DEPS"]
+        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if p.startswith(deps)])
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'torchdata'", name=name)
+        return spec
+
+sys.meta_path.insert(0, OnlyFromUnpackedWheels())
+"""
+
+
+def wheel_of_installed(package: str, dest: Path) -> Path:
+    """A wheel (a zip of importable files) of an installed pure-Python package, as fetch_wheels.sh brings."""
+    import zipfile
+
+    root = Path(importlib.import_module(package).__file__).parent
+    wheel = dest / f"{package}-0.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for f in root.rglob("*.py"):
+            z.write(f, f.relative_to(root.parent))
+    return wheel
+
+
+@pytest.mark.slow  # the whole check on a tiny CPU shape: about a minute on 2 (shared) cores
 def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
+    """The one-call check as on the GPU machine: torchdata only from the brought wheels, a report after
+    every phase, the BENCHMARKS section replaced in place."""
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nkept\n\n<!-- gpu_check:start -->\nstale\n<!-- gpu_check:end -->\n\ntail\n")
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, site, wheels, deps = (tmp_path / d for d in ("out", "site", "wheels", "deps"))
+    site.mkdir()
+    wheels.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_TORCHDATA)
+    wheel_of_installed("torchdata", wheels)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site), "WHEELS": str(wheels)}
+    env["GPU_DEPS"] = str(deps)
+    hidden = subprocess.run([sys.executable, "-c", "import torchdata"], env=env, capture_output=True, text=True)
+    assert "No module named 'torchdata'" in hidden.stderr  # the stand-in machine has no torchdata
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--cpu", "--doc", str(doc), str(out)],
         cwd=ROOT,
@@ -239,6 +280,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "installing torchdata from" in proc.stdout and (deps / "torchdata").is_dir()
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n\n<!-- gpu_check:start -->") and text.endswith("end -->\n\ntail\n")
     assert "stale" not in text and text.count("<!-- gpu_check:start -->") == 1
@@ -249,4 +291,28 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
     for heading in ("Peak matmul", "Training", "Profile", "Generation", "Targets", "Tests"):
         assert f"### {heading}" in section, heading
     assert section.count("| pass |") + section.count("| miss |") == 5
-    assert (out / "results.json").is_file() and (out / "tests.txt").is_file()
+    assert "failed" not in section and (out / "tests.txt").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["train"]) == 4 and len(res["train_1.7b"]) == 2 and not res["errors"] and not res["skipped"]
+
+
+def test_gpu_check_phase_failure_costs_only_that_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase that fails logs one line and the next phase runs; the results are on disk after each."""
+    gpu_check = tools_module("gpu_check")
+    written = []
+    real_write = gpu_check.write_results
+
+    def write(res, args, began):
+        written.append(json.loads(json.dumps({"matmul": res.get("matmul"), "errors": dict(res["errors"])})))
+        return real_write(res, args, began)
+
+    plan = [("train:no such run", "train", "training no such run"), ("matmul", "matmul", "peak matmul")]
+    monkeypatch.setattr(gpu_check, "phase_plan", lambda cpu: plan)
+    monkeypatch.setattr(gpu_check, "write_results", write)
+    doc = tmp_path / "BENCHMARKS.md"
+    assert gpu_check.main([str(tmp_path / "out"), "--cpu", "--doc", str(doc), "--budget-s", "120"]) == 0
+    assert written[1]["errors"] == {"training no such run": "KeyError: 'no such run'"} and written[1]["matmul"] is None
+    assert written[-1]["matmul"]["tflops"] > 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["errors"] == written[1]["errors"] and res["matmul"]["n"] == 256
+    assert "training no such run: `KeyError: 'no such run'`" in doc.read_text()

@@ -1,19 +1,22 @@
-"""The GPU measurements of scripts/gpu_check.sh, in one process, under one time budget.
+"""The GPU measurements of scripts/gpu_check.sh, each phase in a process of its own, under one time budget.
 
-    python tools/gpu_check.py OUTDIR [--cpu] [--doc docs/BENCHMARKS.md] [--budget-s 420]
+    python tools/gpu_check.py OUTDIR [--cpu] [--doc docs/BENCHMARKS.md] [--budget-s 360]
 
 It measures: peak bf16 matmul TFLOP/s; training at the 360M shape through the trainer (vanilla, recursive
-Nr=3, MoR expert choice Nr=2 and 3; tools/bench_train.py); a torch.profiler summary of one MoR 360M step
-(top kernels, and the time share of routing, attention, GEMMs, loss, optimizer by kernel name);
-generation through the serving engine (vanilla vs MoR Nr=2, 3, 4 at batch 32 and the largest batch
-reached; tools/bench_generate.py, one process per model); 1.7B vanilla and MoR with activation
-checkpointing at the largest of 16, 8, 4 sequences that fits. Phases run in the order that puts what
-the targets need first. Then the targets of the project, each marked
-pass or miss. A phase that would not fit in what is left of --budget-s is skipped and says so.
+Nr=3, MoR expert choice Nr=2 and 3; tools/bench_train.py); generation through the serving engine (vanilla
+vs MoR Nr=2, 3, 4 at batch 32 and the largest batch reached; tools/bench_generate.py); a torch.profiler
+summary of one MoR 360M step (top kernels, and the time share of routing, attention, GEMMs, loss,
+optimizer by kernel name); 1.7B vanilla and MoR with activation checkpointing at the largest of 16, 8, 4
+sequences that fits. Then the targets of the project, each marked pass, miss or n/a.
 
-Writes OUTDIR/results.json (every figure), OUTDIR/gpu_check.md (the report) and replaces the section
-between `<!-- gpu_check:start -->` and `<!-- gpu_check:end -->` of --doc with that report. --cpu runs
-every phase at a tiny shape on the CPU: it keeps the script working; its figures mean nothing.
+A lease must not be lost to one surprise, so every phase runs in a child process (`--phase NAME`) with a
+time limit: a phase that raises, crashes the CUDA context or hangs costs only itself, logs its error in
+one line and the next phase runs. After each phase OUTDIR/results.json (every figure), OUTDIR/gpu_check.md
+(the report) and the section between `<!-- gpu_check:start -->` and `<!-- gpu_check:end -->` of --doc are
+rewritten, so whatever ends the run, the figures measured so far are on disk. Phases run in the order that
+puts what the targets need first; one that would not fit in what is left of --budget-s is skipped and
+says so. --cpu runs every phase at a tiny shape on the CPU: it keeps the script working; its figures mean
+nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train
 
 from mor_pretrain import trainer
+from mor_pretrain.distributed import barrier, init_distributed
 from mor_pretrain.metrics import peak_flops
 from mor_pretrain.optim import build_lr_scheduler, build_optimizer
 from mor_pretrain.parallel import build_mesh, dp_coordinates
@@ -43,9 +47,10 @@ from mor_pretrain.parallel import build_mesh, dp_coordinates
 ROOT = bench_train.ROOT
 START, END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
 GEN_KINDS = ["vanilla", "mor4", "mor2", "mor3"]  # vanilla and MoR-4 first: the target needs both
-# Seconds a phase needs at least on one H100/H200 (compile included); a phase is skipped below this.
-COST_GPU = {"train": 60, "profile": 45, "generate": 35, "train_1.7b": 90}
-COST_CPU = {"train": 1, "profile": 1, "generate": 1, "train_1.7b": 1}
+# Per kind of phase on one H100/H200 (compile included): the seconds it needs at least (it is skipped with
+# less left) and the most it may take (then it is killed and the next phase runs).
+COST_GPU = {"matmul": (10, 40), "train": (45, 90), "profile": (40, 75), "generate": (30, 70), "train_1.7b": (60, 120)}
+COST_CPU = {"matmul": (1, 60), "train": (1, 120), "profile": (1, 120), "generate": (1, 120), "train_1.7b": (1, 120)}
 # Kernel-name classes for the profile, first match wins (lower-cased names; aten op names on the CPU).
 # Ambiguous by name: cub sort kernels serve both the routing's index sort and the embedding backward.
 CLASSES = [
@@ -65,7 +70,7 @@ CLASSES = [
 class Budget:
     """Seconds left for the phases; each phase is logged with its duration."""
 
-    def __init__(self, seconds: float, costs: dict[str, float]):
+    def __init__(self, seconds: float, costs: dict[str, tuple[float, float]]):
         self.end = time.perf_counter() + seconds
         self.costs = costs
         self.skipped: list[str] = []
@@ -73,13 +78,15 @@ class Budget:
     def left(self) -> float:
         return self.end - time.perf_counter()
 
-    def allows(self, phase: str, what: str) -> bool:
-        if self.left() >= self.costs[phase]:
+    def limit(self, kind: str, what: str) -> float | None:
+        """The seconds `what` may take, or None (logged as skipped) if fewer than it needs are left."""
+        need, cap = self.costs[kind]
+        if self.left() >= need:
             print(f"gpu_check: {what} ({self.left():.0f} s left)", flush=True)
-            return True
+            return min(cap, self.left())
         self.skipped.append(f"{what} (time budget: {self.left():.0f} s left)")
         print(f"gpu_check: skipped {what}: {self.left():.0f} s left", flush=True)
-        return False
+        return None
 
 
 def matmul_tflops(device: str) -> dict:
@@ -114,7 +121,7 @@ def profile_step(s: bench_train.Setting, batch: int, corpus: Path, runs: Path, o
     the trainer's own pieces; random token batches (the data loader is not what is profiled)."""
     cfg = bench_train.job("mor_360m", "profile", [], batch, s, corpus, runs)
     bench_train.reset_device(s.device)
-    device = trainer.init_distributed(cfg.training.device)
+    device = init_distributed(cfg.training.device)
     try:
         mesh = build_mesh(cfg.parallelism, device.type)
         par = trainer.Parallel(device, mesh, *dp_coordinates(mesh), 1)
@@ -137,7 +144,7 @@ def profile_step(s: bench_train.Setting, batch: int, corpus: Path, runs: Path, o
         with torch.profiler.profile(activities=activities) as prof:
             step()
     finally:
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
     trace = out / "profile_mor360m_trace.json"
     prof.export_chrome_trace(str(trace))
@@ -166,8 +173,8 @@ def profile_step(s: bench_train.Setting, batch: int, corpus: Path, runs: Path, o
     }
 
 
-def generate(kinds: list[str], cpu: bool, max_batch: int, timeout: float) -> dict[str, dict]:
-    """tools/bench_generate.py for `kinds` in one process (killed at `timeout`); a row per kind."""
+def generate(kinds: list[str], cpu: bool, max_batch: int) -> dict[str, dict]:
+    """tools/bench_generate.py for `kinds` (one process of its own: a model's CUDA state dies with it)."""
     cmd = [sys.executable, str(ROOT / "tools" / "bench_generate.py"), "--json", "--kinds", ",".join(kinds)]
     cmd += ["--repeats", "1"]
     if cpu:
@@ -175,17 +182,14 @@ def generate(kinds: list[str], cpu: bool, max_batch: int, timeout: float) -> dic
     else:
         cmd += ["--device", "cuda", "--shape", "360m", "--batch", "32", "--prompt-len", "64", "--new-tokens", "128"]
         cmd += ["--max-batch", "--max-batch-limit", str(max_batch)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:
-        return {k: {"kind": k, "error": f"timed out after {timeout:.0f} s"} for k in kinds}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        return {k: {"kind": k, "error": err} for k in kinds}
+        lines = proc.stderr.strip().splitlines()
+        raise RuntimeError(f"bench_generate.py: {lines[-1] if lines else f'exit status {proc.returncode}'}")
     return {r["kind"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])["rows"]}
 
 
-def target_rows(train: dict[str, dict], gen: dict[str, dict], measured: float, cpu: bool) -> list[dict]:
+def target_rows(train: dict[str, dict], gen: dict[str, dict], measured: float | None, cpu: bool) -> list[dict]:
     """The project's speed targets: value, goal, pass/miss (n/a when a figure is missing)."""
 
     def fig(label: str) -> dict | None:
@@ -203,8 +207,10 @@ def target_rows(train: dict[str, dict], gen: dict[str, dict], measured: float, c
             {"target": name, "value": shown, "goal": ("≥ " if higher else "≤ ") + fmt.format(goal), "status": status}
         )
 
-    add("vanilla 360M MFU (measured peak)", van and van["achieved_tflops"] / measured, 0.55, "{:.1%}", True)
-    add("MoR Nr=3 360M MFU (measured peak)", mor3 and mor3["achieved_tflops"] / measured, 0.50, "{:.1%}", True)
+    van_mfu = van["achieved_tflops"] / measured if van and measured else None
+    mor3_mfu = mor3["achieved_tflops"] / measured if mor3 and measured else None
+    add("vanilla 360M MFU (measured peak)", van_mfu, 0.55, "{:.1%}", True)
+    add("MoR Nr=3 360M MFU (measured peak)", mor3_mfu, 0.50, "{:.1%}", True)
     ratio = None
     if van and mor3:
         allowed = 1.05 * mor3["flops_per_token"] / van["flops_per_token"] * van["step_time_s"]
@@ -237,10 +243,16 @@ def report(res: dict) -> str:
     if res["cpu"]:
         lines += ["", "**CPU mode: a tiny shape that exercises the script. These figures mean nothing.**"]
     lines += ["", "### Tests", "", f"`{res['tests']['command']}`: {res['tests']['summary']}"]
-    mm = res["matmul"]
+    mm = res.get("matmul")
     lines += ["", "### Peak matmul", ""]
-    lines += [f"bf16 {mm['n']}^3: **{mm['tflops']:.3g} TFLOP/s** measured; datasheet dense bf16: {res['datasheet']}."]
-    peaks = {"measured": mm["tflops"]}
+    peaks: dict[str, float] = {}
+    if mm:
+        lines += [
+            f"bf16 {mm['n']}^3: **{mm['tflops']:.3g} TFLOP/s** measured; datasheet dense bf16: {res['datasheet']}."
+        ]
+        peaks["measured"] = mm["tflops"]
+    else:
+        lines += [f"not measured; datasheet dense bf16: {res['datasheet']}."]
     if isinstance(res["datasheet"], float):
         peaks["datasheet"] = res["datasheet"]
     lines += ["", "### Training", ""]
@@ -306,6 +318,9 @@ def report(res: dict) -> str:
         lines += ["", f"Where one MoR Nr=3 360M step spends its time (profile above): {where}."]
     if res["skipped"]:
         lines += ["", "Skipped for time: " + "; ".join(res["skipped"]) + "."]
+    if res["errors"]:
+        lines += ["", "Phases that failed (each in its own process; the others ran on):", ""]
+        lines += [f"- {name}: `{error}`" for name, error in res["errors"].items()]
     return "\n".join(lines + [END]) + "\n"
 
 
@@ -327,35 +342,109 @@ def tests_summary(path: Path | None) -> str:
     return lines[-1].strip(" =") if lines else "no summary line (see tests.txt)"
 
 
+def phase_plan(cpu: bool) -> list[tuple[str, str, str]]:
+    """(name, kind, what) of every phase, most wanted first: the targets need the 360M runs and vanilla /
+    MoR-4 generation, so what the budget cuts is at the end."""
+    gen = [(f"generate:{','.join(GEN_KINDS)}", "generate", "generation")] if cpu else []
+    gen += [] if cpu else [(f"generate:{k}", "generate", f"generation {k}") for k in GEN_KINDS]
+    return [
+        ("matmul", "matmul", "peak matmul"),
+        *[(f"train:{label}", "train", f"training {label}") for label, _, _ in bench_train.RUNS_360M],
+        *gen[:2],
+        ("profile", "profile", "the profile"),
+        *[(f"train_1.7b:{label}", "train_1.7b", f"training {label}") for label, _, _ in bench_train.RUNS_1_7B],
+        *gen[2:],
+    ]
+
+
+def run_phase(name: str, outdir: Path, cpu: bool, gen_max_batch: int) -> dict:
+    """Inside the child process: measure one phase and return its figures (JSON-able)."""
+    device = "cpu" if cpu else "cuda"
+    s = bench_train.cpu_setting() if cpu else bench_train.gpu_setting()
+    big = bench_train.cpu_setting() if cpu else bench_train.gpu_setting(steps=8)
+    batch, big_batches = (2, [2]) if cpu else (16, [16, 8, 4])
+    corpus, runs = outdir / "work" / "corpus", outdir / "work" / "runs"
+    kind, _, arg = name.partition(":")
+    if kind == "matmul":
+        return matmul_tflops(device)
+    if kind == "profile":
+        return profile_step(s, batch, corpus, runs, outdir)
+    if kind == "generate":
+        return generate(arg.split(","), cpu, gen_max_batch)
+    table = {label: (config, overrides) for label, config, overrides in bench_train.RUNS_360M + bench_train.RUNS_1_7B}
+    config, overrides = table[arg]
+    if kind == "train":
+        return bench_train.run_one(arg, config, overrides, batch, s, corpus, runs)
+    return bench_train.run_fitting(arg, config, overrides, big_batches, big, corpus, runs)
+
+
+def spawn_phase(name: str, args: argparse.Namespace, limit: float) -> tuple[dict | None, str | None]:
+    """Run one phase in a child process killed at `limit` seconds: (figures, None) or (None, error line)."""
+    out = args.outdir / "phases" / f"{name.replace(':', '_').replace(' ', '_').replace('=', '')}.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, str(args.outdir), "--phase", name, "--phase-out", str(out)]
+    cmd += ["--gen-max-batch", str(args.gen_max_batch)] + (["--cpu"] if args.cpu else [])
+    log = args.outdir / "phases" / "log.txt"
+    with open(log, "a") as f:
+        f.write(f"\n===== {name}\n")
+        f.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, timeout=limit)
+        except subprocess.TimeoutExpired as e:
+            f.write(str(e.stderr or ""))
+            return None, f"timed out after {limit:.0f} s"
+        f.write(proc.stderr)
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        return None, (lines[-1] if lines else f"exit status {proc.returncode}")[:300]
+    return json.loads(out.read_text()), None
+
+
+def write_results(res: dict, args: argparse.Namespace, began: float) -> str:
+    """results.json, gpu_check.md and the --doc section, from what is measured so far."""
+    train = {r["label"]: r for r in res["train"]}
+    measured = res["matmul"]["tflops"] if res.get("matmul") else None
+    res["targets"] = target_rows(train, res["generate"], measured, args.cpu)
+    res["env"]["seconds"] = time.perf_counter() - began
+    (args.outdir / "results.json").write_text(json.dumps(res, indent=1))
+    section = report(res)
+    (args.outdir / "gpu_check.md").write_text(section)
+    replace_section(args.doc, section)
+    return section
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", type=Path)
     p.add_argument("--cpu", action="store_true", help="every phase at a tiny shape on the CPU")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
-    p.add_argument("--budget-s", type=float, default=420.0, help="seconds for all phases together")
+    p.add_argument("--budget-s", type=float, default=360.0, help="seconds for all phases together")
     p.add_argument("--gen-max-batch", type=int, default=512, help="largest generation batch tried (GPU)")
     p.add_argument("--command", default="python tools/gpu_check.py", help="the command recorded in the report")
     p.add_argument("--tests-log", type=Path, help="the pytest output of the gpu tests")
     p.add_argument("--tests-command", default="", help="the pytest command recorded in the report")
+    p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this (child) process
+    p.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("error: no CUDA device visible; --cpu runs the tiny CPU mode", file=sys.stderr)
         return 2
+    if args.phase:
+        args.phase_out.write_text(json.dumps(run_phase(args.phase, args.outdir, args.cpu, args.gen_max_batch)))
+        return 0
     began = time.perf_counter()
     budget = Budget(args.budget_s, COST_CPU if args.cpu else COST_GPU)
-    device = "cpu" if args.cpu else "cuda"
+    (args.outdir / "phases").mkdir(parents=True, exist_ok=True)
+    work = args.outdir / "work"
+    bench_train.write_corpus(work / "corpus")
+    name = torch.cuda.get_device_name() if not args.cpu else "cpu"
+    datasheet = peak_flops(name, 0.0, warn=False)
     s = bench_train.cpu_setting() if args.cpu else bench_train.gpu_setting()
     big = bench_train.cpu_setting() if args.cpu else bench_train.gpu_setting(steps=8)
-    batch, big_batches = (2, [2]) if args.cpu else (16, [16, 8, 4])
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    work = args.outdir / "work"
-    corpus = bench_train.write_corpus(work / "corpus")
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    datasheet = peak_flops(name, 0.0, warn=False)
     res: dict = {
         "cpu": args.cpu,
         "env": {
-            "device": f"one {name}" if device == "cuda" else "the CPU",
+            "device": "the CPU" if args.cpu else f"one {name}",
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -368,37 +457,28 @@ def main(argv: list[str] | None = None) -> int:
         "train": [],
         "train_1.7b": [],
         "generate": {},
+        "skipped": budget.skipped,
+        "errors": {},
     }
-    res["matmul"] = matmul_tflops(device)
-    runs = work / "runs"
-    # Most wanted first (the targets need the 360M runs and vanilla / MoR-4 generation): what the budget
-    # cuts is at the end. On a GPU one generation process per model, so a slow one costs only itself.
-    for label, config, overrides in bench_train.RUNS_360M:
-        if budget.allows("train", f"training {label}"):
-            res["train"].append(bench_train.run_one(label, config, overrides, batch, s, corpus, runs))
-    gen_groups = [GEN_KINDS] if args.cpu else [[k] for k in GEN_KINDS]
-    for kinds in gen_groups[:2]:
-        if budget.allows("generate", f"generation {','.join(kinds)}"):
-            res["generate"].update(generate(kinds, args.cpu, args.gen_max_batch, budget.left()))
-    if budget.allows("profile", "the profile"):
-        res["profile"] = profile_step(s, batch, corpus, runs, args.outdir)
-    for label, config, overrides in bench_train.RUNS_1_7B:
-        if budget.allows("train_1.7b", f"training {label}"):
-            res["train_1.7b"].append(bench_train.run_fitting(label, config, overrides, big_batches, big, corpus, runs))
-    for kinds in gen_groups[2:]:
-        if budget.allows("generate", f"generation {','.join(kinds)}"):
-            res["generate"].update(generate(kinds, args.cpu, args.gen_max_batch, budget.left()))
-    res["generate"] = {k: res["generate"][k] for k in GEN_KINDS if k in res["generate"]}
-    train = {r["label"]: r for r in res["train"]}
-    res["targets"] = target_rows(train, res["generate"], res["matmul"]["tflops"], args.cpu)
-    res["skipped"] = budget.skipped
-    res["env"]["seconds"] = time.perf_counter() - began
+    write_results(res, args, began)
+    for phase, kind, what in phase_plan(args.cpu):
+        limit = budget.limit(kind, what)
+        if limit is None:
+            continue
+        figures, error = spawn_phase(phase, args, limit)
+        if error is not None:
+            print(f"gpu_check: {what} failed: {error}", flush=True)
+            res["errors"][what] = error
+        elif kind == "matmul" or kind == "profile":
+            res[kind] = figures
+        elif kind == "generate":
+            res["generate"].update(figures)
+            res["generate"] = {k: res["generate"][k] for k in GEN_KINDS if k in res["generate"]}
+        else:
+            res[kind].append(figures)
+        write_results(res, args, began)
     shutil.rmtree(work, ignore_errors=True)
-    (args.outdir / "results.json").write_text(json.dumps(res, indent=1))
-    section = report(res)
-    (args.outdir / "gpu_check.md").write_text(section)
-    replace_section(args.doc, section)
-    print(section)
+    print(write_results(res, args, began))
     return 0
 
 
