@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mor_pretrain.config import CheckpointConfig
-from mor_pretrain.distributed import barrier, host_group, rank, world_size
+from mor_pretrain.distributed import host_group, rank, world_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,9 +228,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as e:
+            info = self.metadata.storage_data.get(read_item.storage_index) if self.metadata else None
+            where = getattr(info, "relative_path", "?")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CheckpointError(
-                f"item {read_item.dest_index.fqn!r} is not plain data (refused, nothing of it was run): "
-                f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                f"{where}: item {read_item.dest_index.fqn!r} is not plain data, refused unread "
+                f"({type(e).__name__}: {first})"
             ) from None
         clean = io.BytesIO()
         torch.save(obj, clean)
@@ -358,6 +361,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_unb64(state["cuda"]))
 
 
+def _space_problem(root: Path, need: int) -> str:
+    """Why a save of about `need` bytes under root would not fit ("" if it fits, with 5% to spare)."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= need * 1.05:
+        return ""
+    gib = 2**30
+    return (
+        f"No space left on device: {root} has {free / gib:.2f} GiB free, a checkpoint needs about "
+        f"{need / gib:.2f} GiB (free space, or move checkpoint.folder or run_root; nothing was written)"
+    )
+
+
 @dataclass
 class SaveRecord:
     step: int
@@ -414,27 +432,60 @@ class Checkpointer:
             )
         if (path / COMPLETE).is_file():
             raise CheckpointError(f"refusing to overwrite the complete checkpoint {path}")
+        need = self._expected_bytes(model)
+        problem = [""]
         if rank() == 0:
             if path.exists():  # a leftover of a crashed save at this step
                 shutil.rmtree(path)
-            path.mkdir(parents=True)
-            (path / "config.toml").write_text(self.config_toml)
-        barrier()
+            problem = [_space_problem(self.root, need)]
+            if not problem[0]:
+                path.mkdir(parents=True)
+                (path / "config.toml").write_text(self.config_toml)
+        if dist.is_initialized():
+            dist.broadcast_object_list(problem, src=0, group=host_group())
+        if problem[0]:
+            raise CheckpointError(f"not saving step {step}: {problem[0]}")
         start = time.perf_counter()
-        extra = {key: obj.state_dict() for key, obj in per_rank.items()} | {"rng": rng_state()}
-        (path / f"rank{rank()}.json").write_text(json.dumps(extra))
         sd = dict(states)
+        try:
+            extra = {key: obj.state_dict() for key, obj in per_rank.items()} | {"rng": rng_state()}
+            (path / f"rank{rank()}.json").write_text(json.dumps(extra))
+            if self.cfg.async_save and not wait:
+                future = dcp.async_save(sd, checkpoint_id=str(path), process_group=self.async_group)
+            else:
+                dcp.save(sd, checkpoint_id=str(path), process_group=host_group())
+        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
+            raise self._save_error(path, need, e) from None
+        record = SaveRecord(step, time.perf_counter() - start)
         if self.cfg.async_save and not wait:
-            future = dcp.async_save(sd, checkpoint_id=str(path), process_group=self.async_group)
-            record = SaveRecord(step, time.perf_counter() - start)
             self._pending = (future, step, start)
         else:
-            dcp.save(sd, checkpoint_id=str(path), process_group=host_group())
-            record = SaveRecord(step, time.perf_counter() - start)
             self._mark_complete(step)
             record.total_s = time.perf_counter() - start
         self.records.append(record)
         return record
+
+    def _expected_bytes(self, model: Any) -> int:
+        """What a save will write, all ranks together: the last complete checkpoint's size, or before the
+        first one, fp32 weights and two AdamW moments."""
+        steps = complete_steps(self.root)
+        if steps:
+            try:
+                return sum(f["bytes"] for f in read_manifest(step_dir(self.root, steps[-1])).values())
+            except CheckpointError:
+                pass
+        if isinstance(model, ModelState):
+            return 3 * 4 * sum(p.numel() for p in model.model.parameters())
+        return 0
+
+    def _save_error(self, path: Path, need: int, e: BaseException) -> CheckpointError:
+        """One line for a failed write: a full disk says so (torch's own message is about stream positions)."""
+        text = str(e).strip()
+        full = "No space left on device" in text or bool(_space_problem(self.root, need))
+        cause = "No space left on device" if full else (text.splitlines()[-1] if text else type(e).__name__)
+        last = complete_steps(self.root)
+        kept = f"; the last complete checkpoint, {step_dir(self.root, last[-1])}, is intact" if last else ""
+        return CheckpointError(f"saving checkpoint {path} failed: {cause}{kept}")
 
     def finish_pending(self) -> None:
         """Block until an in-flight async save is written, then mark it complete and prune."""
@@ -442,7 +493,10 @@ class Checkpointer:
             return
         future, step, start = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except (Exception, dcp.CheckpointException) as e:
+            raise self._save_error(step_dir(self.root, step), 0, e) from None
         self._mark_complete(step)
         for r in self.records:
             if r.step == step:

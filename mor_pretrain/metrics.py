@@ -170,7 +170,9 @@ CONSOLE = (
 class MetricLogger:
     """Writes scalars to TensorBoard (rank 0) and prints a console line at log steps."""
 
-    def __init__(self, cfg: MetricsConfig, run_dir: Path, total_steps: int, rank: int):
+    def __init__(self, cfg: MetricsConfig, run_dir: Path, total_steps: int, rank: int, first_step: int = 0):
+        """first_step: the step the run resumes after. A run that crashed logged steps past its last
+        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps."""
         self.total_steps = total_steps
         self.rank = rank
         self.start = time.perf_counter()
@@ -179,7 +181,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_dir = run_dir / "tb"
-            self.writer = SummaryWriter(str(self.tb_dir))
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1 if first_step else None)
 
     def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int, console: bool = True) -> None:
         """Write `scalars` at global step `step`; steps_done_since_start drives the ETA."""

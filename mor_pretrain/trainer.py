@@ -443,6 +443,11 @@ def train(cfg: JobConfig) -> TrainState:
     finished_toml = resume(checkpointer, cfg, ck_states, ck_per_rank)
     if finished_toml is not None and state.step >= t.steps:
         nothing_to_do(cfg, finished_toml, state.step)
+        if not all((cfg.run_dir / "export" / f).is_file() for f in ("model.safetensors", "config.json")):
+            # stopped (SIGTERM, preemption) during its last step: saved, never exported
+            export_final(model, cfg, par.rank)
+            if par.rank == 0:
+                print(f"wrote the missing export of step {state.step} to {cfg.run_dir / 'export'}", flush=True)
         return finish(state, lock)
     if par.rank == 0:  # only now: a refused resume leaves the run's record of what it ran with
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
@@ -452,7 +457,7 @@ def train(cfg: JobConfig) -> TrainState:
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
     paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0)
-    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank)
+    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step)
     if par.rank == 0:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
     first_step = state.step

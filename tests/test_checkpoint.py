@@ -324,6 +324,74 @@ def test_hostile_or_garbled_dcp_metadata_is_refused_on_resume_and_conversion(tmp
         _load(ck, ckpt, model, opt)
 
 
+class _PlantedState:
+    """A non-tensor state item whose pickle runs code when read with weights_only=False: what a forger
+    writes at a byte item's offset in a .distcp file (train state, scheduler, optimizer param groups)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def state_dict(self):
+        return {"step": _Payload(self.marker)}
+
+    def load_state_dict(self, sd):
+        raise AssertionError("the planted item was read")
+
+
+def test_pickle_in_a_dcp_byte_item_runs_nothing_and_names_the_file(tmp_path):
+    model, opt = make()
+    marker = tmp_path / "pwned"
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck")
+    ck.save(1, {**states(model, opt), "train_state": _PlantedState(marker)}, {})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: item 'train_state\.step' is not plain data"):
+        ck.load(ckpt, {**states(model, opt), "train_state": _PlantedState(marker)}, {}, check_config=lambda _: None)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["../outside.distcp", "/etc/passwd", "sub/__0_0.distcp"])
+def test_dcp_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, target):
+    import pickle
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck")
+    ck.save(1, states(model, opt), {})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())  # the test's own file: trusted
+    for info in meta.storage_data.values():
+        info.relative_path = target
+    _plant(ckpt, ".metadata", pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"storage entry names '{target}', not a file of"):
+        _load(ck, ckpt, model, opt)
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
+    ck.save(1, states(model, opt), {})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match=r"not saving step 2: No space left on device: .* nothing was written"):
+        ck.save(2, states(model, opt), {})
+    assert not step_dir(tmp_path, 2).exists()
+    # Space runs out during the write: torch's error is about stream positions; ours names the cause.
+    free = iter([10**12, 1000])
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, next(free)))
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374")
+
+    monkeypatch.setattr("mor_pretrain.checkpoint.dcp.save", full)
+    with pytest.raises(
+        CheckpointError, match=r"step-00000002 failed: No space left on device; the last .*step-00000001"
+    ):
+        ck.save(2, states(model, opt), {})
+    assert complete_steps(tmp_path) == [1]
+
+
 def test_damaged_or_missing_files_are_named_with_the_last_good_checkpoint(tmp_path):
     model, opt = make()
     ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)

@@ -160,3 +160,25 @@ def test_a_finished_run_relaunched_does_nothing_and_a_changed_config_or_rewind_i
     rewind = launch(tmp_path, "--training.steps=4", "--checkpoint.interval=1", "--checkpoint.load_step=1", nproc=1)
     assert rewind.returncode != 0 and "would rewind" in rewind.stdout + rewind.stderr
     assert (run / "checkpoints" / "step-00000002" / COMPLETE).read_text() == marker and (run / "export").exists()
+
+
+def test_a_resumed_run_logs_each_step_once_and_a_run_stopped_in_its_last_step_gets_its_export(tmp_path):
+    """A crash after step 3 was logged but before it was saved: the relaunch trains step 3 again, and
+    TensorBoard shows it once. A run saved at its last step without an export (SIGTERM there): the
+    relaunch writes the export and exits 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--training.steps=3", "--checkpoint.interval=2", "--training.val_interval=0"]
+    ok(launch(tmp_path, *args, nproc=1))
+    run = tmp_path / "runs" / "debug_mor"
+    shutil.rmtree(run / "checkpoints" / "step-00000003")
+    shutil.rmtree(run / "export")
+    assert "step-00000002" in ok(launch(tmp_path, *args, nproc=1)).stdout
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    for tag in ("train/loss", "train/lr", "progress/tokens"):
+        assert [e.step for e in ea.Scalars(tag)] == [1, 2, 3], tag
+    shutil.rmtree(run / "export")
+    proc = ok(launch(tmp_path, *args, nproc=1))
+    assert "nothing to do" in proc.stdout and "wrote the missing export of step 3" in proc.stdout
+    assert load_exported(run / "export")[1]
