@@ -559,9 +559,9 @@ class Checkpointer:
         files = read_manifest(path)
         self._verify(path, sorted(files))
         check_dcp_metadata(path)
-        saved_cfg = path / "config.toml"
-        if saved_cfg.is_file():
-            check_config(saved_cfg.read_text())
+        saved = saved_config(path)
+        if saved is not None:
+            check_config(saved)
         meta_keys = {k.split(".")[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
         sd = {k: v for k, v in states.items() if k in meta_keys}
         dcp_load(sd, path)
@@ -571,11 +571,14 @@ class Checkpointer:
         name = own if own in files else "rank0.json"  # a rank the saving job did not have
         if name in files:
             extra = _read_json(path / name)
-            for key, obj in per_rank.items():
-                if key in extra:
-                    obj.load_state_dict(extra[key])
-            if name == own:
-                set_rng_state(extra["rng"])
+            try:
+                for key, obj in per_rank.items():
+                    if key in extra:
+                        obj.load_state_dict(extra[key])
+                if name == own:
+                    set_rng_state(extra["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # hand-edited or damaged
+                raise CheckpointError(f"{path / name}: unusable per-rank state ({type(e).__name__}: {e})") from None
         elif per_rank and "train_state" in sd:
             raise CheckpointError(f"{path} has no per-rank state (rank0.json): its data position is unknown")
         logger.info("loaded checkpoint %s (%s)", path, ", ".join(sorted(sd)))
@@ -616,6 +619,23 @@ STRUCTURAL_KEYS = {
     "data": ["tokenizer"],
     "training": ["seq_len"],
 }
+
+
+def saved_config(path: Path) -> str | None:
+    """The job config a checkpoint folder was saved with (its config.toml), checked to be a TOML document of
+    tables; None if the folder has none. Anything else is a CheckpointError naming the file."""
+    f = path / "config.toml"
+    if not f.is_file():
+        return None
+    try:
+        text = f.read_bytes().decode()
+        parsed = tomllib.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CheckpointError(f"{f} is not a TOML job config: {e}") from None
+    bad = [k for k, v in parsed.items() if k not in ("name", "run_root") and not isinstance(v, dict)]
+    if bad:
+        raise CheckpointError(f"{f}: [{bad[0]}] must be a table, got {type(parsed[bad[0]]).__name__}")
+    return text
 
 
 def config_differences(

@@ -149,6 +149,10 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_latest >= 1")
         if any(s < 1 for s in self.save_steps):
             raise ConfigError(f"checkpoint.save_steps must all be >= 1, got {self.save_steps}")
+        if self.load_step < -1:
+            raise ConfigError(f"checkpoint.load_step must be a step >= 0, or -1 for the latest; got {self.load_step}")
+        if not self.folder or Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:
+            raise ConfigError(f"checkpoint.folder must be a folder name inside the run folder, got {self.folder!r}")
 
 
 @dataclass
@@ -179,6 +183,8 @@ class JobConfig:
         return Path(self.run_root) / self.name
 
     def validate(self) -> None:
+        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name must be a run folder name (no path separators, not empty), got {self.name!r}")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and not isinstance(section, type):

@@ -71,7 +71,10 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer  # optional extra "convert"
 
         self.path = str(path)
-        self._tok = HFTokenizer.from_file(self.path)
+        try:
+            self._tok = HFTokenizer.from_file(self.path)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{self.path} is not a tokenizer.json ({str(e).strip()})") from None
         self._bos, self._eos = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
 
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mor_pretrain.config import _build
@@ -30,15 +31,20 @@ BPE_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_
 
 
 def tokenizer_file(spec: str, base: str | Path | None = None) -> Path:
-    """The file a tokenizer spec names: "default" (the packaged SentencePiece model), or a path. A relative
-    path is looked up in `base` (e.g. the export folder that holds it), then in the working directory (the
-    training config's view, as exports written before tokenizers were copied recorded it)."""
+    """The file a tokenizer spec names: "default" (the packaged SentencePiece model), or a path. With `base`
+    (an export folder, whose config.json may come from anyone) the spec must name a file of that folder:
+    a config.json that points elsewhere (/etc/passwd, ../..) is refused, so it reads nothing outside."""
     from mor_pretrain.data.tokenizer import default_tokenizer_path
 
     if spec == "default":
         return default_tokenizer_path()
     path = Path(spec)
-    if base is not None and not path.is_absolute() and (Path(base) / spec).is_file():
+    if base is not None:
+        if path.name != spec or spec in (".", ".."):
+            raise ValueError(
+                f"{Path(base) / 'config.json'} names the tokenizer {spec!r}: an export's tokenizer must be a "
+                f"file of its own folder (tokenizer.model or tokenizer.json) or 'default'"
+            )
         path = Path(base) / spec
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -119,7 +125,12 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} is not an export folder: {cfg_path} is missing")
-    meta = json.loads(cfg_path.read_text())
+    try:
+        meta = json.loads(cfg_path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{cfg_path} is not an export config (a JSON object with a 'model' object)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta
@@ -132,15 +143,28 @@ def load_exported(
     meta = read_export_config(path)
     args = _build(ModelArgs, meta["model"], "model.")
     weights = Path(path) / "model.safetensors"
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors raises its own (non-OSError) type for truncated files
-        raise ValueError(f"cannot read {weights}: {e}") from None
     with torch.device("meta"):
         model = MoRModel(args)
+    # The config's shapes against the file's header before anything is allocated: a config.json with
+    # huge sizes must not try to allocate them.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+        state = load_file(str(weights), device=str(device)) if found == expected else {}
+    except Exception as e:  # safetensors raises its own (non-OSError) type for truncated files
+        raise ValueError(f"cannot read {weights}: {e}") from None
+    if found != expected:
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        wrong = [f"{k}: config {v}, file {found[k]}" for k, v in expected.items() if found.get(k, v) != v]
+        raise ValueError(
+            f"{weights} does not match {Path(path) / 'config.json'}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ValueError(f"{weights}: tensor {bad} holds NaN or inf; refusing to use these weights")
     model.to_empty(device=device)
     model.init_weights()  # fills non-persistent buffers (RoPE table)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state)
     return model.to(dtype), meta

@@ -39,6 +39,7 @@ from mor_pretrain.checkpoint import (
     all_finite,
     complete_steps,
     config_differences,
+    saved_config,
     step_dir,
 )
 from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
@@ -460,7 +461,7 @@ def train(cfg: JobConfig) -> TrainState:
     metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step)
     if par.rank == 0:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
-    first_step = state.step
+    first_step, skipped_at_start = state.step, state.skipped_steps
     window = LogWindow()
     train_iter = iter(train_loader)
     stopped = False
@@ -501,6 +502,11 @@ def train(cfg: JobConfig) -> TrainState:
                 print(f"step {state.step}: checkpoint saved (training stalled {record.stall_s:.2f}s)", flush=True)
 
     checkpointer.close()
+    if state.skipped_steps - skipped_at_start == state.step - first_step > 0:
+        raise FloatingPointError(
+            f"every step of this launch ({first_step + 1} to {state.step}) had a non-finite grad norm and was "
+            f"skipped: nothing was trained, no export written. Check the model and optimizer settings"
+        )
     if stopped:
         logger.warning("preempted: saved step %d; the same command resumes", state.step)
     else:
@@ -586,5 +592,4 @@ def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], p
     states["lr_scheduler"].apply()
     if dist.get_rank() == 0:
         print(f"resumed from {path} in {time.perf_counter() - start:.1f}s", flush=True)
-    saved = path / "config.toml"
-    return saved.read_text() if step is not None and saved.is_file() else None
+    return saved_config(path) if step is not None else None

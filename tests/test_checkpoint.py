@@ -458,3 +458,34 @@ def test_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     RunLock(tmp_path).release()  # the kernel dropped the dead holder's lock
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "match"),
+    [
+        ("config.toml", b"[model\nd_model = 3\n", r"config.toml is not a TOML job config"),
+        ("config.toml", b"\xff\xfe[model]\n", r"config.toml is not a TOML job config"),
+        ("config.toml", b"model = 3\n", r"config.toml: \[model\] must be a table, got int"),
+        ("rank0.json", b'{"dataloader": {"n": "many"}, "rng": {}}', r"rank0.json: unusable per-rank state"),
+        ("rank0.json", b'{"dataloader": {"n": 1}, "rng": {"torch": "AAAA"}}', r"rank0.json: unusable per-rank state"),
+        ("rank0.json", b'{"dataloader": {"n": 1}}', r"rank0.json: unusable per-rank state \(KeyError: 'rng'\)"),
+    ],
+)
+def test_hand_edited_state_with_a_matching_manifest_is_one_error_naming_the_file(tmp_path, name, data, match):
+    class StrictCounter(Counter):
+        def load_state_dict(self, sd):
+            self.n = int(sd["n"])
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", config_toml="[model]\nd_model = 32\n")
+    ck.save(1, states(model, opt), {"dataloader": Counter(1)})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    _plant(ckpt, name, data)
+
+    def check(saved):
+        from mor_pretrain.checkpoint import config_differences
+
+        config_differences(saved, {"model": {"d_model": 32}})
+
+    with pytest.raises(CheckpointError, match=match):
+        ck.load(ckpt, states(model, opt), {"dataloader": StrictCounter()}, check_config=check)

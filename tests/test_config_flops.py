@@ -185,6 +185,16 @@ def write(tmp_path, text):
         ("[model]\nrouter_alpha = -inf\n", [], "model.router_alpha must be a finite number"),
         ("[data]\nsources = ['a', 'b']\nweights = [nan, 1.0]\n", [], r"data.weights\[0\] must be a finite number"),
         ("[data]\nsources = ['a', 'b']\nweights = [-1.0, 2.0]\n", [], "data.weights must all be finite numbers > 0"),
+        # values that used to train garbage (or make runs/ itself the run folder) without a word
+        ("", ["--model.init_std=-1"], r"model.init_std: must be a finite number > 0, got -1"),
+        ("", ["--model.norm_eps=0"], r"model.norm_eps: must be a finite number > 0, got 0"),
+        ("", ["--model.router_alpha=-1"], r"model.router_alpha: must be a finite number > 0"),
+        ("", ["--model.rope_theta=0"], r"model.rope_theta: must be a finite number > 0"),
+        ("", ["--model.aux_loss_coef=-0.1"], r"model.aux_loss_coef: must be a finite number >= 0"),
+        ("", ["--checkpoint.load_step=-5"], r"checkpoint.load_step must be a step >= 0, or -1 for the latest"),
+        ("", ["--checkpoint.folder=../elsewhere"], r"checkpoint.folder must be a folder name inside"),
+        ("", ["--name="], r"name must be a run folder name .* got ''"),
+        ("", ["--name=a/b"], r"name must be a run folder name"),
     ],
 )
 def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):

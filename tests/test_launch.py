@@ -56,6 +56,20 @@ def test_config_that_is_a_directory_is_one_error_line(tmp_path):
     assert one_error_line(proc) == f"error: config file {tmp_path} is a directory; give the path of a TOML file"
 
 
+@pytest.mark.slow  # three single-process launches that fail at setup: about 15 s
+def test_a_broken_tokenizer_or_parquet_file_is_one_error_line(tmp_path):
+    cmd = [sys.executable, "train.py", "--config", "train_configs/debug_mor.toml", *data_args(tmp_path)]
+    for content in (b"", b"\x00garbage" * 40):  # empty, not a model
+        tok = tmp_path / "tok_bad.model"
+        tok.write_bytes(content)
+        proc = subprocess.run([*cmd, f"--data.tokenizer={tok}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert one_error_line(proc).startswith(f"error: {tok} is not a SentencePiece model")
+    fake = tmp_path / "shard.parquet"
+    fake.write_text("not parquet\n")
+    proc = subprocess.run([*cmd, f"--data.sources=['{fake}']"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert one_error_line(proc).startswith(f"error: {fake} is not a readable parquet file")
+
+
 @pytest.mark.slow  # two single-process launches and a DataLoader worker: about 25 s on a busy 2-core machine
 def test_an_error_in_a_dataloader_worker_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"

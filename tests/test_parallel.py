@@ -505,3 +505,27 @@ def test_rope_table_stays_fp32_under_bf16_fsdp(tmp_path):
     seen = spawn(2, tmp_path, _rope_dtypes)[0]
     assert seen["rope"] and set(seen["rope"]) == {torch.float32}
     assert set(seen["x"]) == set(seen["out"]) == {torch.bfloat16}
+
+
+def _all_skipped(out: Path) -> str:
+    import mor_pretrain.trainer as trainer
+
+    cfg = make_cfg("expert")
+    cfg.name, cfg.run_root = "skipped", str(out)
+    cfg.training.nonfinite, cfg.training.device, cfg.training.steps = "skip", "cpu", 2
+    cfg.metrics.log_interval = 1
+    trainer.build_dataloader = lambda data, split, dp_world, seed, seq_len, micro_batch_size, dp_rank, **kw: (
+        GlobalBatchLoader(split, dp_rank, dp_world, micro_batch_size, GLOBAL_BATCH, 8, 0.0)
+    )
+    trainer.size_vocabulary = lambda cfg: None
+    trainer.clip_grad_norm = lambda params, max_norm: torch.tensor(float("nan"))  # every step non-finite
+    with pytest.raises(FloatingPointError, match=r"every step of this launch \(1 to 2\) .* was skipped") as e:
+        trainer.train(cfg)
+    assert not (out / "skipped" / "export").exists()
+    return str(e.value)
+
+
+def test_a_run_whose_every_step_was_skipped_fails(tmp_path):
+    """nonfinite = "skip" with NaN at every step (e.g. a broken setting): the run must not exit 0 and
+    export its untrained weights as if it had trained."""
+    assert "nothing was trained" in spawn(1, tmp_path, _all_skipped, tmp_path)[0]

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # bad input; a missing, unwritable or misplaced path
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

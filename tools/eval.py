@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = {"checkpoint": resolved, "results": results}

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             on_token = stream.on_token if stream else None
             gen = generate(model, ids, sampling, ctl, decode=tok.decode, on_token=on_token)
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 2
     texts = [trim_stop(continuation(tok, i, t), args.stop) for i, t in zip(ids, gen.tokens, strict=True)]

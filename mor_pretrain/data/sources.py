@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -307,8 +308,17 @@ def _import_parquet():  # type: ignore[no-untyped-def]
     return pq
 
 
+def _open_parquet(path: str | Path, **kw: Any):  # type: ignore[no-untyped-def]
+    """A pyarrow ParquetFile; a file that is not parquet is a DataError naming it."""
+    pq = _import_parquet()
+    try:
+        return pq.ParquetFile(path, **kw)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file: {e}") from None
+
+
 def _parquet_rows(path: Path) -> int:
-    return int(_import_parquet().ParquetFile(path).metadata.num_rows)
+    return int(_open_parquet(path).metadata.num_rows)
 
 
 def _parquet_texts(name: str, lo: int, hi: int, column: str, skips: Skips) -> Iterator[tuple[int, str]]:
@@ -327,7 +337,7 @@ def _parquet_texts(name: str, lo: int, hi: int, column: str, skips: Skips) -> It
 
 def _parquet_read(name: str, column: str, lo: int, hi: int) -> list[object]:
     """Rows [lo, hi) of one column: decoded in batches from the start of the row group holding `lo`."""
-    pf = _import_parquet().ParquetFile(name, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    pf = _open_parquet(name, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
     try:
         if column not in pf.schema_arrow.names:
             raise DataError(f"{name}: no column {column!r} (data.text_field); columns: {pf.schema_arrow.names}")

@@ -10,6 +10,7 @@ from typing import Any
 import sentencepiece as spm
 
 from mor_pretrain.config import DataConfig
+from mor_pretrain.data.sources import DataError
 
 # mistral-common ships the Mistral-7B v0.1 SentencePiece model (BPE, 32,000 pieces, byte fallback).
 DEFAULT_PACKAGE = "mistral_common"
@@ -25,7 +26,10 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as e:  # empty, truncated or not a model: sentencepiece's INTERNAL error
+            raise DataError(f"{self.path} is not a SentencePiece model ({str(e).strip()})") from None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}

@@ -149,6 +149,16 @@ class ModelArgs:
             bad("router_activation", "expert choice uses sigmoid scores")
         if not 0.0 < self.causal_threshold < 1.0:
             bad("causal_threshold", f"must be in (0, 1), got {self.causal_threshold}")
+        # Values that train garbage without an error: NaN from the first step (rope_theta, norm_eps), no
+        # signal (init_std), a gate that flips the update's sign (router_alpha), losses that reward imbalance.
+        positive = ("rope_theta", "norm_eps", "init_std", "router_alpha")
+        non_negative = ("aux_loss_coef", "z_loss_coef", "aux_router_coef", "balance_loss_coef", "bias_update_rate")
+        for key in positive:
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
+                bad(key, f"must be a finite number > 0, got {getattr(self, key)}")
+        for key in non_negative:
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                bad(key, f"must be a finite number >= 0, got {getattr(self, key)}")
 
 
 @dataclass
