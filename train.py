@@ -24,14 +24,18 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     """Check a config without devices or data: the mesh for `world_size`, the model built on meta, FLOPs."""
     import torch
 
+    from mor_pretrain.data.loader import check_lanes
     from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
     from mor_pretrain.models import MoRModel
-    from mor_pretrain.parallel import mesh_shape
+    from mor_pretrain.parallel import check_tp, mesh_shape
     from mor_pretrain.trainer import grad_accumulation, size_vocabulary
 
+    # What the launch checks before it trains, in the same functions.
     rep, shard, tp = mesh_shape(cfg.parallelism, world_size)
     accum = grad_accumulation(cfg, rep * shard)
     size_vocabulary(cfg)
+    check_tp(cfg.model, tp)
+    check_lanes(cfg.data, rep * shard)
     with torch.device("meta"):
         model = MoRModel(cfg.model)
     t = cfg.training

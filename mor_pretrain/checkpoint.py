@@ -665,6 +665,9 @@ class PreemptionWatcher:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
         self._group = host_group()
+        # Under torchrun the parent is the launcher. Killed alone, it leaves its workers training (and
+        # holding the run lock); a worker whose parent changed stops as if signalled.
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -673,6 +676,9 @@ class PreemptionWatcher:
         self.requested = True
 
     def should_stop(self) -> bool:
+        if self._launcher is not None and not self.requested and os.getppid() != self._launcher:
+            logger.warning("the torchrun launcher (pid %d) is gone: will save and exit after this step", self._launcher)
+            self.requested = True
         if self._group is None:
             return self.requested
         flag = torch.tensor([int(self.requested)])

@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from mor_pretrain.config import ConfigError, ParallelismConfig
-from mor_pretrain.models import MoRModel
+from mor_pretrain.models import ModelArgs, MoRModel
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,6 +82,15 @@ def unique_blocks(model: MoRModel) -> list[nn.Module]:
     return [*edge, *model.stack.layers]
 
 
+def check_tp(a: ModelArgs, n: int) -> None:
+    """Tensor parallel over n ranks splits heads, KV heads, the FFN and the vocabulary n ways."""
+    if a.n_heads % n or a.n_kv_heads % n or a.d_ffn % n or a.vocab_size % n:
+        raise ConfigError(
+            f"parallelism.tp={n} must divide model.n_heads ({a.n_heads}), n_kv_heads ({a.n_kv_heads}), "
+            f"d_ffn ({a.d_ffn}) and vocab_size ({a.vocab_size})"
+        )
+
+
 def apply_tp(model: MoRModel, tp_mesh: DeviceMesh) -> None:
     """Megatron-style TP: q/k/v and w1/w3 colwise, o and w2 rowwise, vocab-sharded embedding and head.
 
@@ -90,13 +99,7 @@ def apply_tp(model: MoRModel, tp_mesh: DeviceMesh) -> None:
     stay replicated over TP, and every TP rank computes the same scores and the same top-k (rowwise
     outputs are all-reduced, so the stack's inputs are bitwise equal across TP ranks).
     """
-    n = tp_mesh.size()
-    a = model.args
-    if a.n_heads % n or a.n_kv_heads % n or a.d_ffn % n or a.vocab_size % n:
-        raise ConfigError(
-            f"parallelism.tp={n} must divide model.n_heads ({a.n_heads}), n_kv_heads ({a.n_kv_heads}), "
-            f"d_ffn ({a.d_ffn}) and vocab_size ({a.vocab_size})"
-        )
+    check_tp(model.args, tp_mesh.size())
     block_plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

@@ -19,6 +19,7 @@ from mor_pretrain.checkpoint import (
     CheckpointError,
     ModelState,
     OptimizerState,
+    PreemptionWatcher,
     complete_steps,
     step_dir,
 )
@@ -489,3 +490,15 @@ def test_hand_edited_state_with_a_matching_manifest_is_one_error_naming_the_file
 
     with pytest.raises(CheckpointError, match=match):
         ck.load(ckpt, states(model, opt), {"dataloader": StrictCounter()}, check_config=check)
+
+
+def test_a_worker_whose_launcher_died_stops_as_if_signalled(monkeypatch):
+    """torchrun killed alone leaves its workers running; each step they check their parent is still it."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
+    w = PreemptionWatcher(signals=())
+    assert not w.should_stop()
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented: the launcher is gone
+    assert w.should_stop() and w.requested
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert not PreemptionWatcher(signals=()).should_stop()  # plain `python train.py`: no launcher to watch

@@ -56,6 +56,22 @@ def test_config_that_is_a_directory_is_one_error_line(tmp_path):
     assert one_error_line(proc) == f"error: config file {tmp_path} is a directory; give the path of a TOML file"
 
 
+@pytest.mark.parametrize(
+    ("world", "layout", "bad", "error"),
+    [
+        (4, ["--parallelism.tp=2"], "--model.n_kv_heads=1", "parallelism.tp=2 must divide model.n_heads"),
+        (2, [], "--data.lanes=1", "data.lanes=1 is fewer than data-parallel ranks x workers = 2 x 1"),
+    ],
+)
+def test_the_dry_run_refuses_what_the_launch_refuses(tmp_path, world, layout, bad, error):
+    cmd = [sys.executable, "train.py", "--config", "train_configs/debug_mor.toml", "--dry-run", str(world)]
+    cmd += [*data_args(tmp_path), "--data.num_workers=0", *layout]
+    proc = subprocess.run([*cmd, bad], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert error in one_error_line(proc)
+    fine = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert fine.returncode == 0 and f"{world} processes = dp_replicate 1" in fine.stdout, fine.stderr
+
+
 @pytest.mark.slow  # three single-process launches that fail at setup: about 15 s
 def test_a_broken_tokenizer_or_parquet_file_is_one_error_line(tmp_path):
     cmd = [sys.executable, "train.py", "--config", "train_configs/debug_mor.toml", *data_args(tmp_path)]

@@ -182,3 +182,41 @@ def test_a_resumed_run_logs_each_step_once_and_a_run_stopped_in_its_last_step_ge
     proc = ok(launch(tmp_path, *args, nproc=1))
     assert "nothing to do" in proc.stdout and "wrote the missing export of step 3" in proc.stdout
     assert load_exported(run / "export")[1]
+
+
+def test_workers_save_and_exit_when_their_launcher_is_killed(tmp_path):
+    """`kill -9` on torchrun alone: its workers notice the new parent at their next step, save, exit and
+    release the run lock; the same command resumes from that checkpoint."""
+    import fcntl
+    import os
+    import signal
+
+    args = ["--training.steps=100000", "--metrics.log_interval=5", "--training.val_interval=0"]
+    proc = launch(tmp_path, *args, wait=False)
+    run = tmp_path / "runs" / "debug_mor"
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first log line: the workers are training
+            if line.startswith("step "):
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 120
+        while not complete_steps(run / "checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        steps = complete_steps(run / "checkpoints")
+        assert steps, "no checkpoint after the launcher died"
+        with open(run / ".lock", "a") as f:  # the lock is released once the workers have exited
+            while time.monotonic() < deadline:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.5)
+            else:
+                pytest.fail("the workers still hold the run lock")
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", f"--run_root={tmp_path / 'runs'}"], check=False)
+    resumed = ok(launch(tmp_path, "--training.steps=" + str(steps[-1] + 1), "--training.val_interval=0"))
+    assert f"step-{steps[-1]:08d}" in resumed.stdout

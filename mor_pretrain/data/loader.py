@@ -156,6 +156,16 @@ def _open_sources(specs: list[str], cfg: DataConfig, tokenizer: Tokenizer) -> li
     return sources
 
 
+def check_lanes(cfg: DataConfig, dp_world: int, workers: bool = True) -> None:
+    """Every (rank, worker) reads lanes of its own: refuse fewer lanes than that (the dry run checks it too)."""
+    slots = max(cfg.num_workers, 1) if workers else 1
+    if cfg.lanes < dp_world * slots:
+        raise DataError(
+            f"data.lanes={cfg.lanes} is fewer than data-parallel ranks x workers = {dp_world} x {slots}; "
+            f"every (rank, worker) needs a lane of its own: raise data.lanes"
+        )
+
+
 def build_dataloader(
     cfg: DataConfig,
     *,
@@ -180,12 +190,7 @@ def build_dataloader(
     if not 0 <= dp_rank < dp_world:
         raise DataError(f"dp_rank {dp_rank} is not in [0, dp_world={dp_world})")
     train = split == "train"
-    slots = max(cfg.num_workers, 1) if train else 1
-    if cfg.lanes < dp_world * slots:
-        raise DataError(
-            f"data.lanes={cfg.lanes} is fewer than data-parallel ranks x workers = {dp_world} x {slots}; "
-            f"every (rank, worker) needs a lane of its own: raise data.lanes"
-        )
+    check_lanes(cfg, dp_world, workers=train)
     if not train and val_windows < 1:
         raise DataError(f"split 'val' needs val_windows >= 1 (windows in the validation set), got {val_windows}")
     specs = cfg.sources if train else cfg.val_sources
