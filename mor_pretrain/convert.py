@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
@@ -258,25 +258,8 @@ def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[s
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": args.tie_embeddings,
-        "torch_dtype": "float32",
     }
     return hf, config
-
-
-def save_hf_llama(
-    out: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, progress: bool = False
-) -> Path:
-    """Write an HF Llama folder (model.safetensors + config.json) that LlamaForCausalLM.from_pretrained reads."""
-    hf, config = to_hf_llama(args, state)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Unrolled shared layers alias one tensor; safetensors needs separate storage for each name.
-    items = tqdm(hf.items(), desc="convert", unit="tensor", disable=not progress)
-    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in items}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
 
 
 def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 Tasks are scored by log-likelihood of each choice's continuation given its context (lm-eval style):
 - acc: the choice with the highest summed log-probability is right;
-- acc_norm: the same after dividing by the continuation's length in characters (OLMES "per char");
+- acc_norm: the same after dividing by the answer's length in characters, without the space that joins it
+  to the context (lm-eval's len(choice));
 - LAMBADA: acc = the last word is the model's greedy continuation, token by token.
 Each accuracy comes with the sample standard error of its mean over documents, sqrt(var_sample / n), as
 lm-eval reports it.
@@ -324,13 +325,23 @@ def score_docs(
     acc, acc_norm, greedy = [], [], []
     k = 0
     for d in docs:
-        s = scores[k : k + len(d.pairs)]
-        lengths = [max(1, len(cont)) for _, cont in d.pairs]
+        a, n, g = doc_metrics(d, scores[k : k + len(d.pairs)])
         k += len(d.pairs)
-        acc.append(float(max(range(len(s)), key=lambda i: s[i][0]) == d.label))
-        acc_norm.append(float(max(range(len(s)), key=lambda i: s[i][0] / lengths[i]) == d.label))
-        greedy.append(float(s[d.label][1]))
+        acc.append(a)
+        acc_norm.append(n)
+        greedy.append(g)
     return {"acc": mean_and_stderr(acc), "acc_norm": mean_and_stderr(acc_norm), "greedy": mean_and_stderr(greedy)}
+
+
+def doc_metrics(doc: Doc, scores: Sequence[tuple[float, bool]]) -> tuple[float, float, float]:
+    """acc, acc_norm and greedy acc of one document from its choices' (log-likelihood, greedy) scores.
+
+    acc_norm divides by the answer's length in characters without the space that joins it to the context
+    (lm-eval's target delimiter): lm-eval divides by len(choice), and the continuation is " " + choice."""
+    lengths = [max(1, len(cont[1:] if cont.startswith(" ") else cont)) for _, cont in doc.pairs]
+    best = max(range(len(scores)), key=lambda i: scores[i][0])
+    best_norm = max(range(len(scores)), key=lambda i: scores[i][0] / lengths[i])
+    return float(best == doc.label), float(best_norm == doc.label), float(scores[doc.label][1])
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,18 @@ def save_exported(
     meta = {"format": FORMAT, "model": dataclasses.asdict(args), **extra}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    make_readable(tmp)
     tmp.replace(out / "model.safetensors")  # a reader never sees a half-written file
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def make_readable(path: Path) -> None:
+    """Give a file the mode a new file gets under the umask (0644 under 022): safetensors writes 0600,
+    which others on a shared cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:

@@ -157,7 +157,7 @@ CONSOLE = (
     ("train/lm_loss_max_rank", "max-rank lm {:.4f}"),
     ("train/grad_norm", "gnorm {:.3f}"),
     ("train/lr", "lr {:.2e}"),
-    ("perf/tokens_per_s", "tok/s {:,.0f}"),
+    ("perf/tokens_per_s_per_device", "tok/s/dev {:,.0f}"),
     ("perf/tflops_per_device", "{:.3g} TFLOP/s/dev"),
     ("perf/mfu", "mfu {:.1%}"),
     ("perf/data_share", "data {:.1%}"),
@@ -170,9 +170,12 @@ CONSOLE = (
 class MetricLogger:
     """Writes scalars to TensorBoard (rank 0) and prints a console line at log steps."""
 
-    def __init__(self, cfg: MetricsConfig, run_dir: Path, total_steps: int, rank: int, first_step: int = 0):
+    def __init__(
+        self, cfg: MetricsConfig, run_dir: Path, total_steps: int, rank: int, first_step: int = 0, config: str = ""
+    ):
         """first_step: the step the run resumes after. A run that crashed logged steps past its last
-        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps."""
+        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps.
+        config: the resolved job config (TOML), shown in TensorBoard's text tab at the run's first step."""
         self.total_steps = total_steps
         self.rank = rank
         self.start = time.perf_counter()
@@ -182,6 +185,8 @@ class MetricLogger:
 
             self.tb_dir = run_dir / "tb"
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1 if first_step else None)
+            if config:
+                self.writer.add_text("config", "```toml\n" + config + "```", first_step)
 
     def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int, console: bool = True) -> None:
         """Write `scalars` at global step `step`; steps_done_since_start drives the ETA."""

@@ -374,6 +374,7 @@ def log_step(
     data_s = values.pop("window/data_s")
     values["train/lr"] = lr
     values["perf/tokens_per_s"] = scored / elapsed
+    values["perf/tokens_per_s_per_device"] = scored / elapsed / dist.get_world_size()  # torchtitan's "tps"
     values["perf/step_time_s"] = elapsed / window.steps
     values["perf/data_time_s"] = data_s / window.steps
     values["perf/data_share"] = data_s / elapsed
@@ -388,14 +389,23 @@ def log_step(
     return values
 
 
-def export_final(model: MoRModel, cfg: JobConfig, rank: int) -> None:
-    """Gather full weights to CPU and write <run_dir>/export on rank 0 (every rank joins the gather)."""
+def export_final(model: MoRModel, cfg: JobConfig, state: TrainState, rank: int) -> None:
+    """Gather full weights to CPU and write <run_dir>/export on rank 0 (every rank joins the gather), with
+    what a model card needs to say about the training."""
     if not all_finite(model):
         raise FloatingPointError("the final weights hold NaN or inf: no export written (the checkpoints are finite)")
     sd: dict[str, Any] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         dtype = torch.bfloat16 if cfg.checkpoint.export_bf16 else None
-        save_exported(cfg.run_dir / "export", cfg.model, sd, dtype=dtype, extra={"tokenizer": cfg.data.tokenizer})
+        training = {
+            "steps": state.step,
+            "tokens": state.tokens_seen,
+            "seq_len": cfg.training.seq_len,
+            "dtype": cfg.training.dtype,
+            "data": list(cfg.data.sources),
+        }
+        extra = {"tokenizer": cfg.data.tokenizer, "training": training}
+        save_exported(cfg.run_dir / "export", cfg.model, sd, dtype=dtype, extra=extra)
 
 
 def batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
@@ -446,7 +456,7 @@ def train(cfg: JobConfig) -> TrainState:
         nothing_to_do(cfg, finished_toml, state.step)
         if not all((cfg.run_dir / "export" / f).is_file() for f in ("model.safetensors", "config.json")):
             # stopped (SIGTERM, preemption) during its last step: saved, never exported
-            export_final(model, cfg, par.rank)
+            export_final(model, cfg, state, par.rank)
             if par.rank == 0:
                 print(f"wrote the missing export of step {state.step} to {cfg.run_dir / 'export'}", flush=True)
         return finish(state, lock)
@@ -458,7 +468,7 @@ def train(cfg: JobConfig) -> TrainState:
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
     paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0)
-    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step)
+    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step, config=dump_toml(cfg))
     if par.rank == 0:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
     first_step, skipped_at_start = state.step, state.skipped_steps
@@ -510,7 +520,7 @@ def train(cfg: JobConfig) -> TrainState:
     if stopped:
         logger.warning("preempted: saved step %d; the same command resumes", state.step)
     else:
-        export_final(model, cfg, par.rank)
+        export_final(model, cfg, state, par.rank)
     metrics.close()
     return finish(state, lock)
 

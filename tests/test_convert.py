@@ -17,13 +17,13 @@ from mor_pretrain.convert import (
     export_to_dcp,
     load_dcp_model,
     load_hf_llama,
-    save_hf_llama,
     to_hf_llama,
     unpermute_qk,
     upcycle,
 )
 from mor_pretrain.distributed import barrier, host_group
 from mor_pretrain.export import load_exported
+from mor_pretrain.integrations.hf import save_hf
 from mor_pretrain.models import MoRModel
 from mor_pretrain.models.layers import apply_rope, rope_table
 
@@ -130,7 +130,7 @@ def test_sharded_two_rank_checkpoint_converts_without_a_process_group(tmp_path):
 def test_hf_llama_gives_equal_logits(tmp_path, kw):
     transformers = pytest.importorskip("transformers")
     model = tiny_model(rope_theta=1e5, **kw)
-    out = save_hf_llama(tmp_path / "hf", model.args, model.state_dict(), torch.float32)
+    out = save_hf(tmp_path / "hf", model.args, model.state_dict(), torch.float32, progress=False)
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_hf_llama_gives_equal_logits(tmp_path, kw):
 
 def test_hf_llama_round_trip_and_refusals(tmp_path):
     model = tiny_model(num_recursions=1, sharing="cycle", tie_embeddings=False)
-    save_hf_llama(tmp_path / "hf", model.args, model.state_dict(), torch.float32)
+    save_hf(tmp_path / "hf", model.args, model.state_dict(), torch.float32, progress=False)
     args, state = load_hf_llama(tmp_path / "hf")
     assert args == model.args
     back = MoRModel(args)

@@ -240,3 +240,13 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
     assert all(isinstance(r["value"], float) and isinstance(r["n"], int) for r in report["results"])
     assert [r["stderr"] is None for r in report["results"]] == [True, True, False, False]
     assert eval_tool.main([str(export), "--tasks", "nope"]) == 1
+
+
+def test_acc_norm_divides_by_the_answer_without_its_joining_space():
+    """lm-eval scores " " + choice and divides by len(choice). With the space counted, this document's
+    answer flips (2/3 vs 6.5/9 per char with the space; 2/2 vs 6.5/8 without it)."""
+    from mor_pretrain.evaluate import Doc, doc_metrics
+
+    doc = Doc(pairs=[("Q:", " ab"), ("Q:", " abcdefgh")], label=1)
+    acc, acc_norm, greedy = doc_metrics(doc, [(-2.0, False), (-6.5, True)])
+    assert (acc, acc_norm, greedy) == (0.0, 1.0, 1.0)

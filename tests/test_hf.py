@@ -106,8 +106,20 @@ def test_padded_batches_score_like_single_rows(tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter imports torch and transformers (about 20 s on 2 cores)
 def test_folder_loads_without_the_project_package(tmp_path):
+    """A folder ready to share: sharded weights with their index, files others can read, a model card,
+    transformers' own config keys; AutoModel loads it where this package cannot be imported."""
     model = tiny_model(router="expert").eval()
-    folder = to_hf(tmp_path, "alone", model)
+    os.umask(0o022)
+    folder = to_hf(tmp_path, "alone", model, max_shard_size=40_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert {oct(f.stat().st_mode & 0o777) for f in folder.iterdir() if f.is_file()} == {"0o644"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "float32" and config["transformers_version"] == transformers.__version__
+    assert "torch_dtype" not in config
+    card = (folder / "README.md").read_text()
+    assert "Mixture-of-Recursions: expert-choice routing, Nr=3" in card and "trust_remote_code=True" in card
     x = torch.randint(0, 97, (1, 12))
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x, routing="causal").logits, tmp_path / "want.pt")

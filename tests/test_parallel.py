@@ -322,6 +322,7 @@ class GlobalBatchLoader:
 # it is the global loss), and the checkpoint stall is a time.
 PER_RANK_TAGS = {
     "perf/tokens_per_s",
+    "perf/tokens_per_s_per_device",
     "perf/step_time_s",
     "perf/data_time_s",
     "perf/data_share",
@@ -422,6 +423,7 @@ def check_per_rank_figures(tb: dict, world: int, micro: int, dp: int, variant: s
     for step, step_s in tb["perf/step_time_s"].items():  # log_interval = 1: one step per window
         assert tb["perf/data_time_s"][step] >= accum * LOADER_DELAY_S and tb["perf/val_time_s"][step] > 0
         assert tb["perf/data_share"][step] == pytest.approx(tb["perf/data_time_s"][step] / step_s, rel=1e-5)
+        assert tb["perf/tokens_per_s_per_device"][step] == pytest.approx(tb["perf/tokens_per_s"][step] / world)
         step_flops, done = tb["progress/flops_executed"][step] - done, tb["progress/flops_executed"][step]
         if variant == "expert":  # static capacities; token choice counts the depths each step routed
             assert step_flops == pytest.approx(fpt * GLOBAL_BATCH * SEQ, rel=1e-6)

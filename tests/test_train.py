@@ -72,6 +72,7 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
         "train/grad_norm",
         "train/lr",
         "perf/tokens_per_s",
+        "perf/tokens_per_s_per_device",
         "perf/step_time_s",
         "perf/data_time_s",
         "perf/data_share",
@@ -100,6 +101,12 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
     assert [e.step for e in ea.Scalars("val/loss_topk")] == [15, 30]  # on the training step axis
     tokens = [e.value for e in ea.Scalars("progress/tokens")]
     assert tokens[-1] == 30 * 8 * 64  # steps x global batch x seq_len
+    per_device = {e.step: e.value for e in ea.Scalars("perf/tokens_per_s_per_device")}
+    for e in ea.Scalars("perf/tokens_per_s"):  # the global rate over 2 devices
+        assert per_device[e.step] == pytest.approx(e.value / 2, rel=1e-5)
+    assert "tok/s/dev " in proc.stdout
+    config_text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "[model]" in config_text and "steps = 30" in config_text  # the resolved config, in TensorBoard
     cfg = load_config(run / "config.toml")
     assert cfg.model.vocab_size == 320 and cfg.training.steps == 30  # 320 pieces: already a multiple of 64
     model, meta = load_exported(run / "export")

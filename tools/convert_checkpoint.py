@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("src", help=src)
         a.add_argument("out", help="folder to write (created)")
         if dtype:
-            a.add_argument("--dtype", choices=DTYPES, default=dtype, help="dtype of the written weights")
+            choices = [*DTYPES, "auto"] if dtype == "auto" else list(DTYPES)
+            a.add_argument("--dtype", choices=choices, default=dtype, help="dtype of the written weights")
         return a
 
     a = command("to-export", "DCP checkpoint folder -> export folder", "DCP checkpoint folder (step-N)", "bf16")
     a.add_argument("--config", default=None, help="job TOML; default: the checkpoint's or its run's config.toml")
     command("to-dcp", "export folder -> model-only DCP checkpoint", "export folder", None)
-    command("to-hf", "export or DCP folder -> transformers folder (Llama, or MoR remote code)", SRC, "fp32")
+    # auto: bf16 for a model trained in bf16 (its export records it), else fp32
+    command("to-hf", "export or DCP folder -> transformers folder (Llama, or MoR remote code)", SRC, "auto")
     a = command("from-hf", "HF Llama folder -> export folder", "HF folder (config.json + *.safetensors)", None)
     a.add_argument("--tokenizer", default="", help="tokenizer to copy in (a tokenizer.json or .model path)")
     a = command("from-gguf", "Llama GGUF -> export folder with its tokenizer", None, "fp32")
@@ -81,7 +83,11 @@ def run(args: argparse.Namespace) -> object:
         stage(f"reading {args.src}")
         margs, state, meta = convert.load_any(args.src)
         stage(f"writing {args.out}")
-        return save_hf(args.out, margs, state, DTYPES[args.dtype], meta.get("tokenizer", ""), _base(args.src))
+        dtype = args.dtype
+        if dtype == "auto":  # the dtype the model was trained in, when its export says so
+            dtype = "bf16" if meta.get("training", {}).get("dtype") == "bfloat16" else "fp32"
+        tok = meta.get("tokenizer", "")
+        return save_hf(args.out, margs, state, DTYPES[dtype], tok, _base(args.src), about=meta)
     if args.cmd == "from-hf":
         margs, state = convert.load_hf_llama(args.src)
         extra = {"tokenizer": args.tokenizer, "source": args.src}

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mor_pretrain.convert import save_hf_llama
-from mor_pretrain.export import save_tokenizer
+from mor_pretrain.convert import to_hf_llama
+from mor_pretrain.export import make_readable, save_tokenizer
 from mor_pretrain.models import ModelArgs
 
 _PKG = Path(__file__).resolve().parents[1]
@@ -89,25 +88,29 @@ def save_hf(
     tokenizer: str = "",
     tokenizer_base: str | Path | None = None,
     progress: bool = True,
+    about: dict[str, Any] | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> Path:
     """Write a transformers folder for `args` / `state` (MoRModel names): Llama when possible, else MoR
-    remote code (module docstring); plus the tokenizer `tokenizer` names (relative to `tokenizer_base`)."""
+    remote code (module docstring); plus the tokenizer `tokenizer` names (relative to `tokenizer_base`) and
+    a model card (README.md) from `about` (the export's config: training facts, evaluation results).
+
+    Weights are written by huggingface_hub (sharded above max_shard_size, with model.safetensors.index.json)
+    and every file is left readable as the umask allows (safetensors writes 0600)."""
+    import transformers
+    from huggingface_hub import save_torch_state_dict
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer:
         save_tokenizer(out, tokenizer, tokenizer_base, max_len=args.max_seq_len)
     ids = _special_ids(out)
     if not needs_remote_code(args):
-        save_hf_llama(out, args, state, dtype, progress)
-        config = json.loads((out / "config.json").read_text())
+        tensors, config = to_hf_llama(args, state)
     else:
         for module, (_, name) in REMOTE_FILES.items():
             (out / name).write_text(remote_source(module))
-        tensors = {
-            f"model.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
-            for k, v in tqdm(state.items(), desc="convert", unit="tensor", disable=not progress)
-        }
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        tensors = {f"model.{k}": v for k, v in state.items()}
         config = {
             "architectures": ["MoRForCausalLM"],
             "model_type": "mor",
@@ -117,10 +120,64 @@ def save_hf(
             },
             "mor": dataclasses.asdict(args),
             "routing": "causal",
-            "torch_dtype": str(dtype).removeprefix("torch."),
         }
-    config.update(ids)
+    # Unrolled shared layers alias one tensor; safetensors needs separate storage for each name.
+    items = tqdm(tensors.items(), desc="convert", unit="tensor", disable=not progress)
+    written = {k: (v.detach().to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in items}
+    save_torch_state_dict(written, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    config.update(ids, dtype=str(dtype).removeprefix("torch."), transformers_version=transformers.__version__)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation: dict[str, Any] = {"_from_model_config": True, **ids}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(args, config, sum(v.numel() for v in state.values()), about or {}))
+    for f in out.iterdir():
+        if f.is_file():
+            make_readable(f)
     return out
+
+
+def model_card(args: ModelArgs, config: dict[str, Any], params: int, about: dict[str, Any]) -> str:
+    """README.md of a transformers folder: what the model is, how it was trained, how to load it."""
+    remote = config["model_type"] == "mor"
+    kind = "vanilla" if args.num_recursions == 1 else f"recursive, Nr={args.num_recursions}, {args.sharing} sharing"
+    if args.router != "none":
+        caps = ", ".join(f"{c:.3g}" for c in args.step_capacities)
+        kind = f"Mixture-of-Recursions: {args.router}-choice routing, Nr={args.num_recursions}, capacities {caps}"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mor-pretrain, mixture-of-recursions]" if remote else "tags: [mor-pretrain, llama]",
+        "---",
+        "",
+        "# Model card",
+        "",
+        f"- Architecture: {'MoR remote code (MoRForCausalLM)' if remote else 'LlamaForCausalLM'}; {kind}.",
+        f"- Shape: {args.n_layers} applied layers, d_model {args.d_model}, {args.n_heads} heads "
+        f"({args.n_kv_heads} KV), FFN {args.d_ffn}, vocabulary {args.vocab_size}, context {args.max_seq_len}; "
+        f"{params / 1e6:.1f}M parameters stored.",
+    ]
+    if remote:
+        lines.append(f"- KV mode {args.kv_mode}; generation routes causally (`routing` in config.json).")
+    training = about.get("training")
+    if isinstance(training, dict):
+        facts = ", ".join(f"{k} {v}" for k, v in training.items())
+        lines.append(f"- Training: {facts}.")
+    lines.append(f"- Weights: {config['dtype']}; written with transformers {config['transformers_version']}.")
+    evals = about.get("eval")
+    if isinstance(evals, list) and evals:
+        lines += ["", "## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {e['task']} | {e['metric']} | {e['value']:.4f} |" for e in evals]
+    trust = ", trust_remote_code=True" if remote else ""
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tok = AutoTokenizer.from_pretrained("PATH"{trust})',
+        f'model = AutoModelForCausalLM.from_pretrained("PATH"{trust})',
+        "```",
+        "",
+        "Written by mor-pretrain (`python tools/convert_checkpoint.py to-hf`).",
+    ]
+    return "\n".join(lines) + "\n"
