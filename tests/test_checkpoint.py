@@ -339,14 +339,15 @@ class _PlantedState:
         raise AssertionError("the planted item was read")
 
 
-def test_pickle_in_a_dcp_byte_item_runs_nothing_and_names_the_file(tmp_path):
+@pytest.mark.parametrize("key", ["train_state", "lr_scheduler", "optimizer"])
+def test_pickle_in_a_dcp_byte_item_runs_nothing_and_names_the_file(tmp_path, key):
     model, opt = make()
     marker = tmp_path / "pwned"
     ck = Checkpointer(CheckpointConfig(), tmp_path / "ck")
-    ck.save(1, {**states(model, opt), "train_state": _PlantedState(marker)}, {})
+    ck.save(1, {**states(model, opt), key: _PlantedState(marker)}, {})
     ckpt = step_dir(tmp_path / "ck", 1)
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: item 'train_state\.step' is not plain data"):
-        ck.load(ckpt, {**states(model, opt), "train_state": _PlantedState(marker)}, {}, check_config=lambda _: None)
+    with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: item '{key}\.step' is not plain data"):
+        ck.load(ckpt, {**states(model, opt), key: _PlantedState(marker)}, {}, check_config=lambda _: None)
     assert not marker.exists()
 
 

@@ -208,3 +208,27 @@ def test_convert_cli_to_hf_and_upcycle_report_progress_and_carry_the_tokenizer(t
     want = spm.SentencePieceProcessor(model_file=str(spm_model)).encode(TEXT)
     assert transformers.AutoTokenizer.from_pretrained(str(hf))(TEXT)["input_ids"] == want
     assert load_auto(hf).config.mor["router"] == "expert"
+
+
+def test_convert_cli_errors_are_one_line_and_to_hf_keeps_a_bf16_models_dtype(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import convert_checkpoint
+
+    from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+
+    model = tiny_model(router="expert")
+    training = {"steps": 10, "tokens": 640, "seq_len": 16, "dtype": "bfloat16", "data": ["x.jsonl"]}
+    extra = {"tokenizer": "default", "training": training}
+    src = save_exported(tmp_path / "src", model.args, model.state_dict(), extra=extra)
+    assert convert_checkpoint.main(["to-dcp", str(src), str(tmp_path / "dcp")]) == 0
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "job.toml").write_text(dump_toml(JobConfig(model=model.args, training=TrainingConfig(seq_len=16))))
+    capsys.readouterr()
+    to_export = ["to-export", str(tmp_path / "dcp"), str(tmp_path / "file" / "export")]
+    assert convert_checkpoint.main([*to_export, "--config", str(tmp_path / "job.toml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Not a directory" in err[-1] and "Traceback" not in "\n".join(err)
+    assert convert_checkpoint.main(["to-hf", str(src), str(tmp_path / "hf_bf16")]) == 0
+    folder = tmp_path / "hf_bf16"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "Training: steps 10, tokens 640, seq_len 16, dtype bfloat16" in (folder / "README.md").read_text()
