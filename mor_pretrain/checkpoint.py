@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mor_pretrain.config import CheckpointConfig
+from mor_pretrain.config import CheckpointConfig, JobConfig
 from mor_pretrain.distributed import host_group, rank, world_size
 
 if sys.version_info >= (3, 11):
@@ -632,7 +632,8 @@ def saved_config(path: Path) -> str | None:
         parsed = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise CheckpointError(f"{f} is not a TOML job config: {e}") from None
-    bad = [k for k, v in parsed.items() if k not in ("name", "run_root") and not isinstance(v, dict)]
+    sections = [f.name for f in fields(JobConfig) if f.name not in ("name", "run_root")]
+    bad = [k for k in sections if not isinstance(parsed.get(k, {}), dict)]
     if bad:
         raise CheckpointError(f"{f}: [{bad[0]}] must be a table, got {type(parsed[bad[0]]).__name__}")
     return text
