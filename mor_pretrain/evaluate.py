@@ -318,18 +318,34 @@ def score_docs(
     routing: str | None,
     batch_size: int = 8,
     progress: bool = True,
+    samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, Score]:
-    """acc, acc_norm (per character) and greedy acc over docs, each with its standard error."""
+    """acc, acc_norm (per character) and greedy acc over docs, each with its standard error. With
+    `samples`, one record per document is appended to it (lm-eval's --log_samples, for error analysis)."""
     flat = [(d, c) for d in docs for c in d.pairs]
     scores = score_requests(model, [encode_pair(tok, *c) for _, c in flat], routing, batch_size, progress)
     acc, acc_norm, greedy = [], [], []
     k = 0
-    for d in docs:
-        a, n, g = doc_metrics(d, scores[k : k + len(d.pairs)])
+    for i, d in enumerate(docs):
+        s = scores[k : k + len(d.pairs)]
+        a, n, g = doc_metrics(d, s)
         k += len(d.pairs)
         acc.append(a)
         acc_norm.append(n)
         greedy.append(g)
+        if samples is not None:
+            samples.append(
+                {
+                    "doc": i,
+                    "contexts": [c for c, _ in d.pairs],
+                    "choices": [c for _, c in d.pairs],
+                    "label": d.label,
+                    "loglikelihoods": [ll for ll, _ in s],
+                    "greedy_label": s[d.label][1],
+                    "acc": a,
+                    "acc_norm": n,
+                }
+            )
     return {"acc": mean_and_stderr(acc), "acc_norm": mean_and_stderr(acc_norm), "greedy": mean_and_stderr(greedy)}
 
 
@@ -415,9 +431,11 @@ def evaluate(
     seq_len: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    samples: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Results in the agreed format: [{"task", "routing", "metric", "value", "stderr", "n"}, ...]; stderr is
-    the standard error of an accuracy, None for the held-out loss and perplexity."""
+    the standard error of an accuracy, None for the held-out loss and perplexity. With `samples`, every
+    scored document's record (score_docs) is appended to it, labelled with its task and routing."""
     results: list[dict[str, Any]] = []
     for task in tasks:
         if task not in TASKS:
@@ -435,7 +453,10 @@ def evaluate(
                 metrics: Sequence[str] = ("loss", "ppl")
             else:
                 assert docs is not None
-                found = score_docs(model, tok, docs, mode, batch_size, progress)
+                records: list[dict[str, Any]] | None = None if samples is None else []
+                found = score_docs(model, tok, docs, mode, batch_size, progress, records)
+                if samples is not None and records is not None:
+                    samples += [{"task": task, "routing": mode, **r} for r in records]
                 metrics = METRICS[task]
             for metric in metrics:
                 sc = found[metric]

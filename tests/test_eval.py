@@ -228,8 +228,20 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     out = tmp_path / "r.json"
     argv = [str(export), "--tasks", "val,piqa", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
-    assert eval_tool.main([*argv, "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
+    log = tmp_path / "samples.jsonl"
+    assert (
+        eval_tool.main([*argv, "--seq-len", "32", "--out", str(out), "--no-progress", "--log-samples", str(log)]) == 0
+    )
     report = json.loads(out.read_text())
+    # One record per scored document, whose metrics average to the reported ones.
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["task"], r["doc"]) for r in records] == [("piqa", 0), ("piqa", 1)]
+    assert all(len(r["choices"]) == len(r["loglikelihoods"]) == 2 and r["label"] in (0, 1) for r in records)
+    for metric in ("acc", "acc_norm"):
+        want = next(x["value"] for x in report["results"] if x["task"] == "piqa" and x["metric"] == metric)
+        assert sum(r[metric] for r in records) / 2 == pytest.approx(want)
+    best = [max(range(2), key=lambda i, r=r: r["loglikelihoods"][i]) for r in records]
+    assert [float(b == r["label"]) for b, r in zip(best, records, strict=True)] == [r["acc"] for r in records]
     assert report["checkpoint"] == str(export)
     assert [(r["task"], r["routing"], r["metric"]) for r in report["results"]] == [
         ("val", None, "loss"),

@@ -2,6 +2,7 @@
 
 python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] [--limit N] [--batch-size 8]
                      [--val-text FILE ...] [--seq-len 512] [--out results.json] [--markdown results.md]
+                     [--log-samples samples.jsonl]
 
 CHECKPOINT: an export folder, a DCP checkpoint folder or a run folder (its export, else its latest complete
 checkpoint). Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
@@ -37,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
     p.add_argument("--out", default=None, help="JSON results file (default: <run>/eval/<name>-<shots>shot.json)")
     p.add_argument("--markdown", default=None, help="markdown table file")
+    p.add_argument(
+        "--log-samples", default=None, metavar="FILE", help="per-document records (JSON lines) for error analysis"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     tasks = list(METRICS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    samples: list[dict] | None = [] if args.log_samples else None
     try:
         model, tok, resolved = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
         results = evaluate(
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             val_files=args.val_text,
             seq_len=args.seq_len,
             progress=not args.no_progress,
+            samples=samples,
         )
     except (ValueError, OSError) as e:  # bad input, a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
@@ -62,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {output}")
+    if samples is not None:
+        Path(args.log_samples).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.log_samples).write_text("".join(json.dumps(r) + "\n" for r in samples))
+        print(f"wrote {len(samples)} document records to {args.log_samples}")
     md = to_markdown(report)
     if args.markdown:
         Path(args.markdown).write_text(md)
