@@ -158,12 +158,17 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_interval: int = 10  # steps between log lines (the only host syncs in the loop)
-    tensorboard: bool = True  # write scalars to <run_dir>/tb
+    # Where scalars go: TensorBoard (<run_dir>/tb) and/or Weights & Biases (<run_dir>/wandb; WANDB_MODE=offline
+    # keeps it local). A resumed run continues the same W&B run (its id is saved in the checkpoint).
+    backends: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "mor-pretrain"  # W&B project (entity and API key: W&B's own environment variables)
     peak_tflops: float = 0.0  # bf16 dense peak per device; 0 = look the device up by name
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"metrics.log_interval must be >= 1, got {self.log_interval}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ConfigError(f"metrics.backends lists a backend twice: {self.backends}")
 
 
 @dataclass

@@ -13,11 +13,12 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mor_pretrain.config import MetricsConfig
+from mor_pretrain.config import JobConfig, MetricsConfig, config_to_dict, dump_toml
 
 logger = logging.getLogger(__name__)
 
@@ -168,25 +169,49 @@ CONSOLE = (
 
 
 class MetricLogger:
-    """Writes scalars to TensorBoard (rank 0) and prints a console line at log steps."""
+    """Writes scalars to the configured backends (rank 0) and prints a console line at log steps."""
 
     def __init__(
-        self, cfg: MetricsConfig, run_dir: Path, total_steps: int, rank: int, first_step: int = 0, config: str = ""
+        self,
+        cfg: MetricsConfig,
+        run_dir: Path,
+        total_steps: int,
+        rank: int,
+        first_step: int = 0,
+        job: JobConfig | None = None,
+        wandb_id: str = "",
     ):
         """first_step: the step the run resumes after. A run that crashed logged steps past its last
-        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps.
-        config: the resolved job config (TOML), shown in TensorBoard's text tab at the run's first step."""
+        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps (W&B
+        keeps its first values of those steps: it takes steps in increasing order only).
+        job: the resolved job config, shown in TensorBoard's text tab and as the W&B run's config.
+        wandb_id: the W&B run to create or continue."""
         self.total_steps = total_steps
         self.rank = rank
         self.start = time.perf_counter()
         self.writer = None
-        if cfg.tensorboard and rank == 0:
+        self.wandb: Any = None
+        if rank != 0:
+            return
+        if "tensorboard" in cfg.backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_dir = run_dir / "tb"
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1 if first_step else None)
-            if config:
-                self.writer.add_text("config", "```toml\n" + config + "```", first_step)
+            if job is not None:
+                self.writer.add_text("config", "```toml\n" + dump_toml(job) + "```", first_step)
+        if "wandb" in cfg.backends:
+            import wandb  # optional extra "wandb"
+
+            config = config_to_dict(job) if job is not None else None
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=run_dir.name,
+                id=wandb_id or None,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+            )
 
     def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int, console: bool = True) -> None:
         """Write `scalars` at global step `step`; steps_done_since_start drives the ETA."""
@@ -196,6 +221,8 @@ class MetricLogger:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.wandb is not None and step >= self.wandb.step:
+            self.wandb.log(scalars, step=step)
         if not console:
             return
         elapsed = time.perf_counter() - self.start
@@ -214,6 +241,8 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _hms(seconds: float) -> str:

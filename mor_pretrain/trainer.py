@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -73,6 +74,7 @@ class TrainState:
     flops_paper: float = 0.0
     flops_executed: float = 0.0
     skipped_steps: int = 0  # updates dropped for a non-finite grad norm (training.nonfinite = "skip")
+    wandb_run_id: str = ""  # the W&B run this training logs to (metrics.backends has "wandb")
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -468,7 +470,13 @@ def train(cfg: JobConfig) -> TrainState:
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
     paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0)
-    metrics = MetricLogger(cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step, config=dump_toml(cfg))
+    if "wandb" in cfg.metrics.backends and not state.wandb_run_id:  # a new run; a resumed one keeps its id
+        run_id = [uuid.uuid4().hex[:12] if par.rank == 0 else ""]
+        dist.broadcast_object_list(run_id, src=0, group=host_group())
+        state.wandb_run_id = run_id[0]
+    metrics = MetricLogger(
+        cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step, job=cfg, wandb_id=state.wandb_run_id
+    )
     if par.rank == 0:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
     first_step, skipped_at_start = state.step, state.skipped_steps

@@ -220,3 +220,59 @@ def test_workers_save_and_exit_when_their_launcher_is_killed(tmp_path):
         subprocess.run(["pkill", "-9", "-f", f"--run_root={tmp_path / 'runs'}"], check=False)
     resumed = ok(launch(tmp_path, "--training.steps=" + str(steps[-1] + 1), "--training.val_interval=0"))
     assert f"step-{steps[-1]:08d}" in resumed.stdout
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (<run>/wandb/offline-run-*/run-<id>.wandb): 32 KiB blocks of
+    records, each a 7-byte header (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last)
+    and a wandb_internal_pb2.Record, after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, pos, part = path.read_bytes(), [], 7, b""
+    while pos + 7 <= len(data):
+        if (pos % 32768) + 7 > 32768:  # the rest of a block is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
+def test_wandb_backend_logs_offline_and_a_resumed_run_continues_the_same_run(tmp_path):
+    pytest.importorskip("wandb")
+    import json as json_module
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    cmd += ["--config", "train_configs/debug_mor.toml", *data_args(tmp_path), "--checkpoint.interval=2"]
+    cmd += ["--metrics.backends=['tensorboard', 'wandb']", "--training.val_interval=0"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env["HOME"] = str(tmp_path)  # W&B's own settings and cache stay in the test's folder
+    for steps in (2, 4):
+        proc = subprocess.run([*cmd, f"--training.steps={steps}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        ok(proc)
+    run = tmp_path / "runs" / "debug_mor"
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name  # two launches, one W&B run id
+    steps, config = {}, {}
+    for f in files:
+        for record in read_wandb_records(f):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): json_module.loads(i.value_json) for i in record.history.item}
+                steps.setdefault(items["_step"], {}).update(items)
+            elif kind == "run":  # the run's config comes with its first record
+                config.update({i.key: json_module.loads(i.value_json) for i in record.run.config.update})
+    tb = scalars(run, "train/loss")
+    assert sorted(s for s in steps if "train/loss" in steps[s]) == [1, 2, 3, 4] == sorted(tb)
+    for s, loss in tb.items():  # the same figures in both backends
+        assert steps[s]["train/loss"] == pytest.approx(loss, rel=1e-6)
+        assert steps[s]["perf/tokens_per_s_per_device"] > 0
+    assert config["model"]["num_recursions"] == 3 and config["training"]["steps"] == 4  # the resolved config
