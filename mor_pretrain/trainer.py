@@ -294,9 +294,11 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
     n = par.all_reduce(torch.tensor(len(batches)), op=dist.ReduceOp.MIN)
     if n.item() == 0:
         raise DataError("validation: the val split gave no batch on some rank; check data.val_sources")
-    modes = VAL_MODES if model.args.router == "expert" else VAL_MODES[:1]
+    expert = model.args.router == "expert"
+    modes = VAL_MODES if expert else VAL_MODES[:1]
     totals = torch.zeros(len(modes), device=par.device)
     count = torch.zeros((), device=par.device)
+    depths = torch.zeros(model.args.num_recursions + 1, device=par.device)  # scored tokens per causal depth
     for batch in batches[: int(n.item())]:
         inp, labels = batch["input"].to(par.device), batch["labels"].to(par.device)
         scored = (labels != IGNORE).sum()
@@ -306,6 +308,8 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
             assert out.lm_loss is not None
             # A fully masked padding window (a short val split) has a 0/0 mean: it adds nothing.
             totals[i] += torch.where(scored > 0, plain(out.lm_loss).float() * scored, 0.0)
+            if expert and mode == "causal" and out.depth is not None:
+                depths += torch.bincount(out.depth[labels != IGNORE], minlength=depths.numel()).float()
         count += scored
     losses = (par.dp_sum(totals) / par.dp_sum(count).clamp(min=1)).tolist()
     by_mode = dict(zip(modes, losses, strict=True))
@@ -314,6 +318,11 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
         loss = by_mode.get(mode, losses[0])
         out_values[f"val/loss_{mode}"] = loss
         out_values[f"val/ppl_{mode}"] = math.exp(min(loss, 50.0))
+    if expert:  # where causal routing sends tokens (training's top-k depths are its capacities)
+        total = par.dp_sum(depths)
+        share = (total / total.sum().clamp(min=1)).tolist()
+        out_values["val/causal_mean_depth"] = sum(d * v for d, v in enumerate(share))
+        out_values.update({f"val/causal_depth/{d}": v for d, v in enumerate(share)})
     return out_values
 
 

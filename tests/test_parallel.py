@@ -395,7 +395,9 @@ def test_every_logged_scalar_is_the_same_on_any_layout(tmp_path):
             check_per_rank_figures(tb, world, micro, world // par.get("tp", 1), variant)
     for variant in ("expert", "token"):
         tags = set(ref[variant])
-        assert {"routing/mean_depth", "routing/tokens_per_depth/1", "val/loss_causal", "train/grad_norm"} <= tags
+        depth_tags = {"routing/mean_depth", "routing/tokens_per_depth/1"} if variant == "token" else set()
+        depth_tags |= {"val/causal_mean_depth", "val/causal_depth/1"} if variant == "expert" else set()
+        assert depth_tags | {"val/loss_causal", "train/grad_norm"} <= tags
         assert ("routing/maxvio" in tags) == (variant == "token") and ("routing/sampling_acc" in tags) == (
             variant == "expert"
         )

@@ -81,8 +81,8 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
         "mem/max_rss_gib",
         "mem/max_rss_share",
         "train/lm_loss_max_rank",
-        "routing/mean_depth",
-        "routing/tokens_per_depth/3",
+        "val/causal_mean_depth",
+        "val/causal_depth/3",
         "progress/tokens",
         "progress/flops_paper",
         "progress/flops_executed",
@@ -93,6 +93,11 @@ def test_torchrun_debug_config_trains_and_logs(tmp_path):
     ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert "perf/mfu" not in tags  # CPU has no known peak: no MFU rather than a made-up one
+    assert "routing/mean_depth" not in tags  # expert top-k's depths are its capacities, constant
+    shares = [ea.Scalars(f"val/causal_depth/{d}")[-1].value for d in range(4)]
+    assert sum(shares) == pytest.approx(1.0) and ea.Scalars("val/causal_mean_depth")[-1].value == pytest.approx(
+        sum(d * v for d, v in enumerate(shares)), rel=1e-5
+    )
     loss = [e.value for e in ea.Scalars("train/loss")]
     assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]
     assert loss[-1] < loss[0] - 1.0, loss

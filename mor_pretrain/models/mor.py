@@ -377,7 +377,8 @@ class RecursionStack(nn.Module):
             stats["dead_token_ratio"] = torch.stack(log.dead[1:] or log.dead).mean()
         if log.agree:
             stats["topk_agreement"] = torch.stack(log.agree).mean()
-        stats.update(self._depth_stats(depth))
+        if a.router == "token" or routing != "topk":  # top-k's depths are its capacities: nothing to report
+            stats.update(self._depth_stats(depth))
         return h, aux, side, stats, depth
 
     def _token_choice(
