@@ -255,9 +255,8 @@ def train_step(
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
     if losses.tc_load is not None:  # token choice: the global batch's load, for the bias and the FLOP count
-        losses.tc_load = par.all_reduce(
-            losses.tc_load
-        )  # TP duplicates scale every count alike; both uses are scale-free
+        # TP duplicates scale every count alike; both uses are scale-free
+        losses.tc_load = par.all_reduce(losses.tc_load)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
     if skipped:
