@@ -283,3 +283,29 @@ def test_sigmoid_balance_term_does_not_push_every_gate_down():
     hook.remove()
     (grad,) = torch.autograd.grad(balance, shift)
     assert abs(grad.item()) < 1e-3 * model.args.balance_loss_coef
+
+
+@pytest.mark.parametrize("kind", [dict(router="expert"), dict(num_recursions=1, sharing="cycle", tie_embeddings=False)])
+def test_sliced_lm_loss_and_gradients_equal_the_whole_head(monkeypatch, kind):
+    """Training's LM head and cross-entropy in slices (recomputed in backward) give the loss and gradients
+    of the whole-micro-batch computation, with ignored labels and a last slice shorter than the others."""
+    import mor_pretrain.models.mor as mor
+
+    model = tiny_model(**kind)
+    x = torch.randint(0, 97, (3, 20))
+    labels = torch.randint(0, 97, (3, 20))
+    labels[0, :7] = -100
+    whole = model(x, labels, return_logits=True)  # logits wanted: never sliced
+    whole.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(mor, "LOGITS_CHUNK_ELEMENTS", 97 * 7)  # slices of 7 tokens: 9 slices of 60 tokens
+    calls = []
+    real = mor._summed_ce
+    monkeypatch.setattr(mor, "_summed_ce", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    sliced = model(x, labels, return_logits=False)
+    sliced.loss.backward()
+    assert calls[:9] == [7] * 8 + [4] and len(calls) == 18  # forward, then each slice again in backward
+    torch.testing.assert_close(sliced.lm_loss, whole.lm_loss, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -191,13 +191,16 @@ def test_hsdp_ac_and_untied_head_match_single_process(tmp_path):
 
 
 def _dp_tp() -> dict:
+    import mor_pretrain.models.mor as mor
+
+    mor.LOGITS_CHUNK_ELEMENTS = 96 * 6  # the LM loss in slices of 6 tokens, vocab-sharded under loss_parallel
     return run_parallel(make_cfg("expert", micro=1, tp=2, dp_shard=2))
 
 
 @pytest.mark.slow  # 4 processes on 2 cores: about 45 s
 def test_dp2_tp2_matches_single_process(tmp_path):
-    """dp_shard=2 x tp=2 on 4 ranks: losses, grad norm and gradients match one process, and the two TP
-    ranks of each data shard make identical routing decisions."""
+    """dp_shard=2 x tp=2 on 4 ranks, the LM loss sliced: losses, grad norm and gradients match one process
+    (unsliced), and the two TP ranks of each data shard make identical routing decisions."""
     results = spawn(4, tmp_path, _dp_tp)
     ref = reference(make_cfg("expert"))
     for r in results:

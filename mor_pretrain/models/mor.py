@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mor_pretrain.models.layers import Block, RMSNorm, rope_table
 
@@ -159,6 +160,30 @@ class ModelArgs:
         for key in non_negative:
             if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
                 bad(key, f"must be a finite number >= 0, got {getattr(self, key)}")
+
+
+# Training without logits to return: when a micro-batch's logits exceed this many elements, the LM head and
+# cross-entropy run on slices of this many elements, each recomputed in backward. Only one slice's logits
+# (and their fp32 log-softmax) are ever alive instead of the whole micro-batch's: 12 GiB of a 1.7B rank's
+# peak at 16 x 2048 tokens. The recompute costs one more head matmul, so small micro-batches stay unsliced.
+LOGITS_CHUNK_ELEMENTS = 2**26
+
+
+def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored labels of h (tokens, dim) through the head `weight`, in
+    slices of LOGITS_CHUNK_ELEMENTS logits; equal to the unsliced loss up to float summation order."""
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    total = None
+    for i in range(0, h.shape[0], rows):
+        part = checkpoint(_summed_ce, h[i : i + rows], weight, labels[i : i + rows], ignore_index, use_reentrant=False)
+        total = part if total is None else total + part
+    assert total is not None
+    return total / (labels != ignore_index).sum()
+
+
+def _summed_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
 @dataclass
@@ -524,10 +549,15 @@ class MoRModel(nn.Module):
         if self.last is not None:
             h, _ = self.last(h, r)
         h = self.norm(h)
-        logits = F.linear(h, self.head_weight())
+        weight = self.head_weight()
+        big = tokens.numel() * weight.shape[0] > LOGITS_CHUNK_ELEMENTS
+        logits = None if labels is not None and big and not return_logits else F.linear(h, weight)
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+            if logits is None:
+                lm_loss = chunked_lm_loss(h.flatten(0, 1), weight, labels.flatten(), ignore_index)
+            else:
+                lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
             loss = lm_loss + sum([*aux.values(), *side.values()]) if aux or side else lm_loss
         return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, side, stats, depth)
 
