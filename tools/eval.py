@@ -17,16 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mor_pretrain.evaluate import METRICS, TASKS, evaluate, load_for_eval, to_markdown
-from mor_pretrain.export import DTYPES
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="export folder, DCP checkpoint folder or run folder")
-    p.add_argument("--tasks", default="all", help=f"comma-separated from {list(TASKS)}; all = the few-shot suite")
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated from lambada, hellaswag, piqa, winogrande, arc_easy, arc_challenge, mmlu, val; "
+        "all = the few-shot suite",
+    )
     p.add_argument("--shots", type=int, default=0, help="in-context examples (ARC/HellaSwag/PIQA/WinoGrande: 0 or 5)")
     p.add_argument(
         "--limit", type=positive_int, default=None, help="first N items per task (per subject for MMLU); default: all"
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--val-text", nargs="*", default=[], help="held-out .txt / .jsonl files for task 'val'")
     p.add_argument("--seq-len", type=int, default=None, help="window for task 'val'; default: model max_seq_len")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
+    p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and compute dtype")
     p.add_argument("--out", default=None, help="JSON results file (default: <run>/eval/<name>-<shots>shot.json)")
     p.add_argument("--markdown", default=None, help="markdown table file")
     p.add_argument(
@@ -43,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    # Imported once the arguments parse: --help and usage errors answer without loading torch.
+    import torch
+
+    from mor_pretrain.evaluate import METRICS, evaluate, load_for_eval, to_markdown
+    from mor_pretrain.export import DTYPES
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tasks = list(METRICS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     samples: list[dict] | None = [] if args.log_samples else None
     try:
-        model, tok, resolved = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
+        model, tok, resolved = load_for_eval(args.checkpoint, device, DTYPES[args.dtype])
         results = evaluate(
             model,
             tok,

@@ -9,10 +9,6 @@ import argparse
 import json
 import sys
 
-from mor_pretrain.config import ConfigError, load_config
-from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
-from mor_pretrain.models import MoRModel
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = p.parse_known_args(argv)
+    from mor_pretrain.config import ConfigError, load_config  # after parsing: --help loads no torch
+    from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
+    from mor_pretrain.models import MoRModel
+
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -17,13 +17,11 @@ import codecs
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from mor_pretrain.evaluate import Tokenizer, load_for_eval
-from mor_pretrain.export import DTYPES
-from mor_pretrain.generate import DepthControl, Generation, SamplingConfig, generate, trim_stop
-from mor_pretrain.serving import DepthBatchEngine
+if TYPE_CHECKING:  # the package (and torch) load only once the arguments parse: --help answers at once
+    from mor_pretrain.evaluate import Tokenizer
+    from mor_pretrain.generate import Generation
 
 
 def continuation(tok: Tokenizer, prompt: list[int], ids: list[int]) -> str:
@@ -43,6 +41,8 @@ class StreamPrinter:
         self.printed = 0
 
     def _text(self) -> str:
+        from mor_pretrain.generate import trim_stop
+
         return trim_stop(continuation(self.tok, self.prompt, self.ids), self.stops)
 
     def on_token(self, row: int, token: int) -> None:
@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="expert-choice routing threshold")
     p.add_argument("--engine", action="store_true", help="use the continuous depth-wise batching engine")
     p.add_argument("--slots", type=int, default=8, help="engine slots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
+    p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object with every completion")
     return p.parse_args(argv)
 
@@ -116,9 +116,17 @@ def depth_report(gen: Generation, num_recursions: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    from mor_pretrain.evaluate import load_for_eval
+    from mor_pretrain.export import DTYPES
+    from mor_pretrain.generate import DepthControl, SamplingConfig, generate, trim_stop
+    from mor_pretrain.serving import DepthBatchEngine
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         prompts = read_prompts(args)
-        model, tok, _ = load_for_eval(args.checkpoint, args.device, DTYPES[args.dtype])
+        model, tok, _ = load_for_eval(args.checkpoint, device, DTYPES[args.dtype])
         ids = [tok.encode(p, bos=args.bos) for p in prompts]
         if args.bos and any(i[0] < 0 for i in ids):
             raise ValueError("--bos: this tokenizer has no bos token")

@@ -21,11 +21,11 @@ import json
 import sys
 from dataclasses import asdict
 
-from mor_pretrain.config import ConfigError, load_config
-from mor_pretrain.isoflop import plan_sweep, plan_table, write_plan, write_report
-
 
 def plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mor_pretrain.config import load_config
+    from mor_pretrain.isoflop import plan_sweep, plan_table, write_plan
+
     extra = list(overrides)
     if args.global_batch_size is not None:
         extra.append(f"--training.global_batch_size={args.global_batch_size}")
@@ -49,6 +49,8 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+    from mor_pretrain.isoflop import write_report
+
     table, _ = write_report(args.run_dirs, args.out)
     print(table)
     if args.out is not None:
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     if args.command == "report" and overrides:
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    from mor_pretrain.config import ConfigError  # after parsing: --help loads no torch
+
     try:
         return plan(args, overrides) if args.command == "plan" else report(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
