@@ -10,14 +10,10 @@ import argparse
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import torch.distributed as dist
-
-from mor_pretrain.checkpoint import CheckpointError
-from mor_pretrain.config import ConfigError, JobConfig, load_config
-from mor_pretrain.data import DataError
-from mor_pretrain.trainer import train
+if TYPE_CHECKING:  # the package (and torch) load once the arguments parse: --help answers at once
+    from mor_pretrain.config import JobConfig
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
@@ -48,17 +44,23 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     )
 
 
-# Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors here.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    CheckpointError,  # a damaged, hostile or refused checkpoint, a run folder held by another launch
-    DataError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    FloatingPointError,  # a non-finite loss or grad norm under training.nonfinite = "stop"
-)
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors
+    here."""
+    from mor_pretrain.checkpoint import CheckpointError
+    from mor_pretrain.config import ConfigError
+    from mor_pretrain.data import DataError
+
+    return (
+        ConfigError,
+        CheckpointError,  # a damaged, hostile or refused checkpoint, a run folder held by another launch
+        DataError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        FloatingPointError,  # a non-finite loss or grad norm under training.nonfinite = "stop"
+    )
 
 
 def user_message(e: Exception) -> str:
@@ -77,6 +79,8 @@ def first_to_fail() -> bool:
     to fail claims the report in the launcher's store: the others are either failing the same way or failing
     because that rank left (a collective with a closed peer), and stay quiet.
     """
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return int(os.environ.get("RANK", "0")) == 0
     try:
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="TOML job config")
     parser.add_argument("--dry-run", type=int, metavar="WORLD_SIZE", help="only check the config and model")
     args, overrides = parser.parse_known_args(argv)
+    from mor_pretrain import trainer
+    from mor_pretrain.config import ConfigError, load_config
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -100,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:  # mesh and batch arithmetic that the config alone cannot check
                 raise ConfigError(f"{args.config}: {e}") from None
             return
-        train(cfg)
-    except USER_ERRORS as e:
+        trainer.train(cfg)
+    except user_errors() as e:
         if first_to_fail():
             print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         leave(1)

@@ -97,7 +97,7 @@ def test_an_error_in_a_dataloader_worker_is_one_line_and_a_bug_keeps_its_traceba
     assert one_error_line(proc).startswith(f"error: data source '{bad}' has no readable document")
 
     # Anything else is a bug to report: its traceback stays.
-    boom = "import sys, train; train.train = lambda cfg: 1 / 0; train.main(sys.argv[1:])"
+    boom = "import sys, train, mor_pretrain.trainer as t; t.train = lambda cfg: 1 / 0; train.main(sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", boom, *cmd[2:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
     assert "error: " not in proc.stderr

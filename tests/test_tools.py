@@ -26,6 +26,7 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules, "package": "mor
 @pytest.mark.parametrize(
     "argv",
     [
+        ["train.py", "--help"],
         ["tools/eval.py", "--help"],
         ["tools/generate.py", "--help"],
         ["tools/convert_checkpoint.py", "--help"],
