@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -148,8 +149,11 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
         model = MoRModel(cfg.model)
     parallelize(model, mesh, cfg.parallelism, DTYPES[cfg.training.dtype])
     model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()  # fills the non-persistent buffers (RoPE); parameters are overwritten below
+    # DTensor warns that its random ops are not layout-invariant on a CPU mesh: the sharded init below only
+    # fills the RoPE buffers, and every parameter is then copied from the seeded reference.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        model.init_weights()
     torch.manual_seed(cfg.training.seed)
     reference = MoRModel(cfg.model)
     reference.init_weights()
