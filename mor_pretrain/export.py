@@ -123,12 +123,21 @@ def save_exported(
     return out
 
 
+def _umask() -> int:
+    """The process's umask. Reading it means setting it, so this runs once, at import, before any thread
+    (an async checkpoint writer) could create a file under the temporary value."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _umask()
+
+
 def make_readable(path: Path) -> None:
     """Give a file the mode a new file gets under the umask (0644 under 022): safetensors writes 0600,
     which others on a shared cluster cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    path.chmod(0o666 & ~_UMASK)
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -161,7 +170,6 @@ def load_exported(
     try:
         with safe_open(str(weights), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no __iter__)
-        state = load_file(str(weights), device=str(device)) if found == expected else {}
     except Exception as e:  # safetensors raises its own (non-OSError) type for truncated files
         raise ValueError(f"cannot read {weights}: {e}") from None
     if found != expected:
@@ -171,6 +179,10 @@ def load_exported(
             f"{weights} does not match {Path(path) / 'config.json'}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # a header that parses over truncated tensor data
+        raise ValueError(f"cannot read {weights}: {e}") from None
     bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         raise ValueError(f"{weights}: tensor {bad} holds NaN or inf; refusing to use these weights")

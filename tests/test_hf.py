@@ -109,12 +109,13 @@ def test_folder_loads_without_the_project_package(tmp_path):
     """A folder ready to share: sharded weights with their index, files others can read, a model card,
     transformers' own config keys; AutoModel loads it where this package cannot be imported."""
     model = tiny_model(router="expert").eval()
-    os.umask(0o022)
     folder = to_hf(tmp_path, "alone", model, max_shard_size=40_000)
+    (tmp_path / "probe").write_text("x")  # the mode any new file gets here (0o644 under umask 022)
+    want = oct((tmp_path / "probe").stat().st_mode & 0o777)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
-    assert {oct(f.stat().st_mode & 0o777) for f in folder.iterdir() if f.is_file()} == {"0o644"}
+    assert {oct(f.stat().st_mode & 0o777) for f in folder.iterdir() if f.is_file()} == {want} != {"0o600"}
     config = json.loads((folder / "config.json").read_text())
     assert config["dtype"] == "float32" and config["transformers_version"] == transformers.__version__
     assert "torch_dtype" not in config
