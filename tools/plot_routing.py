@@ -14,12 +14,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from mor_pretrain.evaluate import Tokenizer, load_for_eval
-from mor_pretrain.models import MoRModel
+if TYPE_CHECKING:  # torch and the package load once the arguments parse: --help answers at once
+    from mor_pretrain.evaluate import Tokenizer
+    from mor_pretrain.models import MoRModel
 
 TOKEN_TYPES = ("word start", "word piece", "number", "punctuation", "whitespace")
 
@@ -44,9 +45,10 @@ def token_type(piece: str) -> str:
     return "word start" if piece[0].isspace() else "word piece"
 
 
-@torch.no_grad()
 def trace_routing(model: MoRModel, tok: Tokenizer, text: str, routing: str) -> Trace:
     """Run one forward pass and collect each token's depth and every router's scores."""
+    import torch
+
     if model.args.router == "none":
         raise ValueError("the model has no router: every token runs every recursion")
     ids = tok.encode(text)[: model.args.max_seq_len]
@@ -56,7 +58,8 @@ def trace_routing(model: MoRModel, tok: Tokenizer, text: str, routing: str) -> T
     hooks = [r.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for r in model.stack.routers]
     try:
         device = model.tok_embeddings.weight.device
-        out = model(torch.tensor([ids], device=device), routing=routing)  # type: ignore[arg-type]
+        with torch.no_grad():
+            out = model(torch.tensor([ids], device=device), routing=routing)  # type: ignore[arg-type]
     finally:
         for h in hooks:
             h.remove()
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=196, help="tokens of the passage to plot")
     p.add_argument("--out", default="routing", help="output prefix")
     args = p.parse_args(argv)
+    from mor_pretrain.evaluate import load_for_eval
+
     try:
         model, tok, _ = load_for_eval(args.checkpoint)
         text = args.text if args.text is not None else Path(args.text_file).read_text()

@@ -16,22 +16,13 @@ import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
-from mor_pretrain.data.sources import (
-    TOKENS_FORMAT,
-    TOKENS_INDEX,
-    DataError,
-    Skips,
-    Source,
-    iter_texts,
-    offsets_path,
-    open_source,
-    part_range,
-)
-from mor_pretrain.data.tokenizer import Tokenizer, load_tokenizer
+if TYPE_CHECKING:  # the package (and torch with it) loads where used: --help answers at once
+    from mor_pretrain.data.sources import Source
+    from mor_pretrain.data.tokenizer import Tokenizer
 
 FLUSH_TOKENS = 1 << 20  # tokens buffered per write
 
@@ -42,6 +33,8 @@ def token_dtype(vocab_size: int) -> str:
 
 def write_part(task: tuple[Source, int, int, Tokenizer, str]) -> tuple[str, int, int, str]:
     """Tokenize one part of a source into a shard; returns (file name, documents, tokens, skip summary)."""
+    from mor_pretrain.data.sources import Skips, iter_texts, offsets_path
+
     source, part, parts, tokenizer, path = task
     dtype = token_dtype(tokenizer.vocab_size)
     skips = Skips()
@@ -71,6 +64,11 @@ def pretokenize(
     parts: int = 0,
 ) -> dict:
     """Write the token shards and index.json under `output`; returns the index."""
+    from tqdm import tqdm
+
+    from mor_pretrain.data.sources import TOKENS_FORMAT, TOKENS_INDEX, DataError, open_source, part_range
+    from mor_pretrain.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(tokenizer_spec)
     sources = [open_source(s, fmt, text_field, doc_separator) for s in specs]
     if any(s.format == "tokens" for s in sources):
@@ -131,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="tokenizing processes")
     parser.add_argument("--parts", type=int, default=0, help="parts per source (default 4 x workers)")
     args = parser.parse_args(argv)
+    from mor_pretrain.data.sources import DataError
+
     try:
         pretokenize(
             args.sources,

@@ -12,14 +12,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import sentencepiece as spm
 from tqdm import tqdm
 
-from mor_pretrain.data.sources import DataError, Skips, iter_texts, open_source
+# The package (and torch with it) loads where used: --help answers at once.
 
 
 def sentences(specs: list[str], fmt: str, text_field: str, doc_separator: str, limit: int) -> list[str]:
     """Non-empty lines of every document, up to `limit`, with a progress bar over documents."""
+    from mor_pretrain.data.sources import DataError, Skips, iter_texts, open_source
+
     out: list[str] = []
     skips = Skips()
     with tqdm(unit=" docs", desc="reading") as bar:
@@ -49,6 +50,10 @@ def train(
     max_sentences: int = 5_000_000,
 ) -> Path:
     """Train and write `<output>.model`; refuses input without any text."""
+    import sentencepiece as spm
+
+    from mor_pretrain.data.sources import DataError
+
     lines = sentences(specs, fmt, text_field, doc_separator, max_sentences)
     if not lines:
         raise DataError(f"no text to train a tokenizer on in {specs}")
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc-separator", default="", help="text files: line that separates documents")
     parser.add_argument("--max-sentences", type=int, default=5_000_000, help="lines kept for training")
     args = parser.parse_args(argv)
+    from mor_pretrain.data.sources import DataError
+
     try:
         path = train(
             args.sources,

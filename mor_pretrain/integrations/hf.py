@@ -74,10 +74,22 @@ def _special_ids(out: Path) -> dict[str, int]:
         return {}
     from mor_pretrain.evaluate import load_any_tokenizer
 
-    spec = "tokenizer.json" if (out / "tokenizer.json").is_file() else "tokenizer.model"
+    spec = "tokenizer.model" if (out / "tokenizer.model").is_file() else "tokenizer.json"
     tok = load_any_tokenizer(spec, out)
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}  # type: ignore[attr-defined]
     return {k: int(v) for k, v in ids.items() if v is not None and v >= 0}
+
+
+def sentencepiece_to_json(model: Path, out: Path) -> None:
+    """A SentencePiece model as a `tokenizers` tokenizer.json that encodes as SentencePiece does (transformers'
+    converter, which follows the model's own normalizer settings), so fast tokenizers need no conversion."""
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    SpmConverter.build_tokenizer_from_spm_proto(proto, vocab).save(str(out))
+    make_readable(out)
 
 
 def save_hf(
@@ -102,8 +114,9 @@ def save_hf(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer:
-        save_tokenizer(out, tokenizer, tokenizer_base, max_len=args.max_seq_len)
+    tokenizer_name = save_tokenizer(out, tokenizer, tokenizer_base, max_len=args.max_seq_len) if tokenizer else ""
+    if tokenizer_name == "tokenizer.model":
+        sentencepiece_to_json(out / "tokenizer.model", out / "tokenizer.json")
     ids = _special_ids(out)
     if not needs_remote_code(args):
         tensors, config = to_hf_llama(args, state)

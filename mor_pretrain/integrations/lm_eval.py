@@ -8,6 +8,11 @@ console script `mor-lm-eval` (an entry point in pyproject.toml) is lm-eval's own
 module imported first; every lm-eval flag works unchanged. From Python: import this module, then
 `lm_eval.simple_evaluate(model="mor", model_args=...)`.
 
+Offline tasks: lm-eval's own suite tasks over the project's local data, in groups named <task>_local
+(hellaswag_local, piqa_local, winogrande_local, arc_easy_local, arc_challenge_local, lambada_openai_local,
+mmlu_continuation_local) from the configs in LOCAL_TASKS. `mor-lm-eval` adds `--include_path LOCAL_TASKS`
+unless given an include path of its own; the stock `lm_eval` takes the same flag.
+
 pretrained: anything tools/eval.py takes (export folder, DCP checkpoint folder, run folder). routing:
 "causal" (default; per-token decisions) or "topk" (the training rule, which sees the whole sequence).
 Log-likelihoods come from evaluate.encode_pair + evaluate.score_requests, exactly as tools/eval.py computes
@@ -16,6 +21,9 @@ them; generation from mor_pretrain.generate (cached, recursion-wise KV).
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +35,8 @@ from tqdm import tqdm
 from mor_pretrain.evaluate import encode_pair, load_for_eval, score_requests
 from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import SamplingConfig, generate, trim_stop
+
+LOCAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 
 @register_model("mor")
@@ -104,9 +114,14 @@ class MoRLM(LM):
 
 
 def main() -> None:
-    """`mor-lm-eval`: lm-eval's command line with `--model mor` registered (by importing this module)."""
+    """`mor-lm-eval`: lm-eval's command line with `--model mor` registered (by importing this module) and the
+    offline task configs included."""
     from lm_eval.__main__ import cli_evaluate
 
+    if not any(a.startswith("--include_path") for a in sys.argv):
+        sys.argv += ["--include_path", str(LOCAL_TASKS)]
+    # lm-eval warns once per task that reads a custom dataset (57 lines for MMLU) about a flag we do not use.
+    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs can be passed" not in r.getMessage())
     cli_evaluate()
 
 
