@@ -17,10 +17,12 @@ if TYPE_CHECKING:  # the package (and torch) load once the arguments parse: --he
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
-    """Check a config without devices or data: the mesh for `world_size`, the model built on meta, FLOPs."""
+    """Check a config without devices or data: the mesh for `world_size`, the model built on meta, FLOPs, and
+    one training step traced at that world size (memory, collectives, predicted speed: mor_pretrain.estimate)."""
     import torch
 
     from mor_pretrain.data.loader import check_lanes
+    from mor_pretrain.estimate import estimate, report
     from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
     from mor_pretrain.models import MoRModel
     from mor_pretrain.parallel import check_tp, mesh_shape
@@ -42,6 +44,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         f"FLOPs/token: executed {executed_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f} G (fwd+bwd), "
         f"paper convention {paper_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f} G (fwd)"
     )
+    print(report(estimate(cfg, world_size), t.dtype))
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -2,7 +2,8 @@
 # Train on one machine: one process per GPU, or NGPU CPU processes (gloo) when there is no GPU.
 #   CONFIG=train_configs/mor_360m.toml NGPU=8 bash scripts/train.sh [--section.key=value ...]
 # Defaults: CONFIG=train_configs/debug_mor.toml; NGPU = the GPU count, or 2 without a GPU.
-# DRY=1 only parses the config and builds the model on the meta device (no data, no devices).
+# DRY=1 checks the config and traces one step at NGPU ranks without devices or data: memory, collectives,
+# predicted step time (tools/estimate.py does the same).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-train_configs/debug_mor.toml}

@@ -34,6 +34,7 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules, "package": "mor
         ["tools/flops.py", "--help"],
         ["tools/isoflop.py", "plan", "--help"],
         ["tools/plot_routing.py", "--help"],
+        ["tools/estimate.py", "--help"],
         ["tools/pretokenize.py", "--help"],
         ["tools/train_tokenizer.py", "--help"],
     ],
