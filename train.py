@@ -22,7 +22,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     import torch
 
     from mor_pretrain.data.loader import check_lanes
-    from mor_pretrain.estimate import estimate, report
+    from mor_pretrain.estimate import estimate, fit_report, fitting_settings, report
     from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
     from mor_pretrain.models import MoRModel
     from mor_pretrain.parallel import check_tp, mesh_shape
@@ -44,7 +44,10 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         f"FLOPs/token: executed {executed_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f} G (fwd+bwd), "
         f"paper convention {paper_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f} G (fwd)"
     )
-    print(report(estimate(cfg, world_size), t.dtype))
+    est = estimate(cfg, world_size)
+    print(report(est, t.dtype))
+    if found := fitting_settings(cfg, world_size, est):
+        print(fit_report(found))
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -28,7 +28,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -307,8 +307,12 @@ def estimate(cfg: JobConfig, world: int) -> Estimate:
             _, two = _trace(cfg, world, 2)
             micro = two.minus(one)
             fixed = one.minus(micro)
-            # Later micro-batches run with the accumulated sharded gradients (fp32, the sharded params' size).
-            memory.gradients = max(memory.gradients, memory.parameters)
+            # Micro-batches before the last accumulate unsharded gradients in the reduce dtype (one
+            # reduce-scatter per step), and the last one scatters them into sharded ones.
+            with torch.device("meta"):
+                numel = sum(p.numel() for p in MoRModel(cfg.model).parameters())
+            reduce_bytes = torch.empty((), dtype=DTYPES[cfg.parallelism.reduce_dtype]).element_size()
+            memory.gradients = max(memory.gradients, memory.parameters) + numel // tp * reduce_bytes
     t = cfg.training
     return Estimate(
         config=cfg.name,
@@ -323,6 +327,51 @@ def estimate(cfg: JobConfig, world: int) -> Estimate:
         tokens_per_step_per_rank=t.global_batch_size * t.seq_len // (rep * shard),
         model_flops_per_token=executed_flops_per_token(cfg.model, t.seq_len),
     )
+
+
+AC_MODES: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")  # least recompute first
+
+
+@dataclass
+class Setting:
+    """A micro-batch and activation checkpointing that fit a card, with their estimated peak."""
+
+    activation_checkpoint: str
+    micro_batch_size: int
+    peak_bytes: float
+
+
+def fitting_settings(cfg: JobConfig, world: int, est: Estimate) -> dict[str, Setting | None]:
+    """Per GPU the configured setting cannot hold: the least activation checkpointing, then the largest
+    micro-batch that divides the rank's batch, that fits with MARGIN free (None if nothing does).
+
+    One more trace per checkpointing mode (one micro-batch); activations and temporaries scale with the
+    micro-batch, the rest does not."""
+    short = [k for k, g in GPUS.items() if est.memory.total > g.memory_bytes * (1 - MARGIN)]
+    if not short:
+        return {}
+    per_rank = cfg.training.global_batch_size // (est.mesh[0] * est.mesh[1])
+    sizes = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    found: dict[str, Setting | None] = dict.fromkeys(short)
+    for ac in AC_MODES:
+        if ac == est.activation_checkpoint:
+            memory = est.memory
+        else:
+            par = dataclasses.replace(cfg.parallelism, activation_checkpoint=ac, compile=False)
+            with fake_world(world):
+                memory, _ = _trace(dataclasses.replace(cfg, parallelism=par), world, 1)
+        scaled = memory.activations + memory.temporaries
+        fixed = memory.total - scaled
+        for key in [k for k, v in found.items() if v is None]:
+            limit = GPUS[key].memory_bytes * (1 - MARGIN)
+            for b in sizes:
+                peak = fixed + scaled * b / est.micro_batch
+                if peak <= limit:
+                    found[key] = Setting(ac, b, peak)
+                    break
+        if all(found.values()):
+            break
+    return found
 
 
 @dataclass
@@ -395,4 +444,18 @@ def report(est: Estimate, dtype: str) -> str:
             f"{gpu.name:16s} {fit:>18s} {1e3 * p.step_s:9.1f} {1e3 * p.compute_s:9.1f} {1e3 * p.collective_s:9.1f} "
             f"{tokens / p.step_s:10,.0f} {100 * mfu:5.1f}%"
         )
+    return "\n".join(lines)
+
+
+def fit_report(found: dict[str, Setting | None]) -> str:
+    """What to set where the configured micro-batch and checkpointing do not fit."""
+    lines = []
+    for key, setting in found.items():
+        if setting is None:
+            lines.append(f"{GPUS[key].name}: nothing fits, even full checkpointing at micro-batch 1: add ranks or TP")
+        else:
+            lines.append(
+                f"{GPUS[key].name}: fits with --parallelism.activation_checkpoint={setting.activation_checkpoint} "
+                f"--training.micro_batch_size={setting.micro_batch_size} ({setting.peak_bytes / GiB:.1f} GiB)"
+            )
     return "\n".join(lines)

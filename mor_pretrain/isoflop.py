@@ -260,6 +260,31 @@ def plan_table(runs: list[RunPlan]) -> str:
     return "\n".join(lines)
 
 
+def step_seconds(cfg: JobConfig, gpu: str, world: int) -> float:
+    """The dry run's predicted step time of `cfg` on `world` GPUs of kind `gpu` (mor_pretrain.estimate)."""
+    from mor_pretrain.estimate import GPUS, estimate, predict
+
+    sized = copy.deepcopy(cfg)
+    sized.model = resolved_model_args(cfg)
+    return predict(estimate(sized, world), GPUS[gpu], cfg.training.dtype).step_s
+
+
+def gpu_hours(run: RunPlan, step_s: float, world: int) -> float:
+    """The steps a run trains (a cooldown starts at its branch step) x a step's time x the GPUs, in hours."""
+    return (run.steps - (run.branch_step or 0)) * step_s * world / 3600
+
+
+def gpu_hours_table(runs: list[RunPlan], seconds: dict[str, float], gpu: str, world: int) -> str:
+    """Predicted GPU-hours per run and for the whole sweep; `seconds` holds each source config's step time."""
+    lines = [f"| run | steps trained | step s ({world} x {gpu}) | GPU-hours |", "|---|---|---|---|"]
+    for r in runs:
+        hours = gpu_hours(r, seconds[r.source], world)
+        lines.append(f"| {r.name} | {r.steps - (r.branch_step or 0)} | {seconds[r.source]:.2f} | {hours:,.1f} |")
+    total = sum(gpu_hours(r, seconds[r.source], world) for r in runs)
+    lines.append(f"| sweep | | | {total:,.1f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # reporting
 

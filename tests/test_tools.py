@@ -52,6 +52,9 @@ def test_choices_listed_without_the_package_are_the_packages():
 
     tool = tools_module("convert_checkpoint")
     assert tuple(export.DTYPES) == tool.DTYPE_NAMES and tool.STRATEGIES == convert.UPCYCLE_STRATEGIES
+    from mor_pretrain import estimate
+
+    assert tuple(estimate.GPUS) == tools_module("isoflop").GPU_NAMES
     proc = subprocess.run([sys.executable, "tools/eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     listed = " ".join(proc.stdout.split())
     assert all(task in listed for task in evaluate.TASKS), listed

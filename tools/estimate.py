@@ -18,13 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     from mor_pretrain.config import ConfigError, load_config  # after parsing: --help loads no torch
     from mor_pretrain.data import DataError
-    from mor_pretrain.estimate import estimate, report
+    from mor_pretrain.estimate import estimate, fit_report, fitting_settings, report
     from mor_pretrain.trainer import size_vocabulary
 
     try:
         cfg = load_config(args.config, overrides)
         size_vocabulary(cfg)
-        print(report(estimate(cfg, args.world), cfg.training.dtype))
+        est = estimate(cfg, args.world)
+        print(report(est, cfg.training.dtype))
+        if found := fitting_settings(cfg, args.world, est):
+            print(fit_report(found))
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

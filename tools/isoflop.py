@@ -2,12 +2,13 @@
 
   python tools/isoflop.py plan --budget 2e18 1e18 --configs train_configs/vanilla_360m.toml \\
       train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--out DIR]
-      [--section.key=value ...]
+      [--gpu H100 [--gpus 8]] [--section.key=value ...]
   python tools/isoflop.py report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 plan: budgets are in the paper's FLOP convention. Per config, the largest budget is a full run; smaller ones
 are cooldowns branched from its checkpoints (trapezoid reuse). --out DIR writes one TOML per run and
 plan.json; run them with `scripts/sweep.sh DIR`. Extra --section.key=value overrides apply to every config.
+--gpu adds each run's and the sweep's predicted GPU-hours (one step of each config traced by the dry run).
 report: a markdown table of the runs, with both validation losses (causal routing: comparable across model
 families and what a deployed model gets; top-k: expert choice's training-time rule, which sees future tokens;
 equal without expert choice); with --out, also results.md, results.json and PNG plots of validation loss
@@ -20,6 +21,8 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+
+GPU_NAMES = ("A100", "H100", "H200", "B200")  # mor_pretrain.estimate.GPUS, listed without importing torch
 
 
 def plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -38,13 +41,24 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
         if cfg.training.val_interval == 0:
             print(f"warning: {path}: training.val_interval = 0, its runs log no validation loss", file=sys.stderr)
     runs = plan_sweep(list(configs.items()), args.budget)
+    if args.gpu is not None:  # the dry run traces one step per config at the sweep's GPU count
+        from mor_pretrain.isoflop import gpu_hours, gpu_hours_table, step_seconds
+
+        seconds = {path: step_seconds(cfg, args.gpu, args.gpus) for path, cfg in configs.items()}
     if args.out is not None:
         path = write_plan(args.out, runs, configs)
         print(f"wrote {len(runs)} run configs and {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps([asdict(r) for r in runs], indent=2))
+        rows = [asdict(r) for r in runs]
+        if args.gpu is not None:
+            for row, r in zip(rows, runs, strict=True):
+                row.update(step_seconds=seconds[r.source], gpu_hours=gpu_hours(r, seconds[r.source], args.gpus))
+        print(json.dumps(rows, indent=2))
     else:
         print(plan_table(runs))
+        if args.gpu is not None:
+            print()
+            print(gpu_hours_table(runs, seconds, args.gpu, args.gpus))
     return 0
 
 
@@ -69,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--run-root", default=None, help="run_root of the written configs; default: config's")
     pp.add_argument("--out", default=None, metavar="DIR", help="write run configs and plan.json here")
     pp.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    pp.add_argument("--gpu", choices=GPU_NAMES, default=None, help="also predict GPU-hours on this GPU type")
+    pp.add_argument("--gpus", type=int, default=8, help="GPUs per run for --gpu (default 8)")
     rp = sub.add_parser("report", help="table and plots from finished runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders (<run_root>/<name>)")
     rp.add_argument("--out", default=None, metavar="DIR", help="write results.md, results.json and PNGs here")

@@ -38,6 +38,7 @@ class PackedLoader(StatefulDataLoader):
             batch_size=batch_size,
             num_workers=num_workers,
             prefetch_factor=4 if num_workers else None,
+            pin_memory=torch.cuda.is_available(),  # copies to the GPU then need no host wait
         )
         plan = dataset.plan
         self._plan = plan
@@ -212,7 +213,9 @@ def build_dataloader(
         batch_size=micro_batch_size,
     )
     if not train:
-        return DataLoader(ValidationWindows(plan, val_windows), batch_size=micro_batch_size)
+        return DataLoader(
+            ValidationWindows(plan, val_windows), batch_size=micro_batch_size, pin_memory=torch.cuda.is_available()
+        )
     return PackedLoader(
         PackedDataset(plan, [0] * plan.num_lanes, [[] for _ in range(plan.num_lanes)]),
         batch_size=micro_batch_size,
