@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mor_pretrain.config import CheckpointConfig, JobConfig
+from mor_pretrain.config import CheckpointConfig, JobConfig, RunFolder
 from mor_pretrain.distributed import host_group, rank, world_size
 
 if sys.version_info >= (3, 11):
@@ -254,7 +254,7 @@ class RunLock:
     when the holder exits in any way (kill -9 included), so a stale lock cannot outlive its process."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = RunFolder(Path(run_dir)).lock
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -415,7 +415,7 @@ class Checkpointer:
     # ----- saving -------------------------------------------------------------------------------
     def should_save(self, step: int, last: bool) -> bool:
         if last:
-            return True
+            return self.cfg.save_final
         if step in self.cfg.save_steps:
             return True
         return self.cfg.interval > 0 and step % self.cfg.interval == 0

@@ -143,6 +143,9 @@ class CheckpointConfig:
     # run): model, optimizer, data loader and train state are loaded; the lr schedule is this run's.
     init_from: str = ""
     create_seed: bool = False  # write the initial weights as step 0 and exit; any layout then starts from them
+    # Save and export at the last step. False only for throwaway runs (benchmarks): nothing is kept, and a
+    # relaunch trains again from the last periodic checkpoint.
+    save_final: bool = True
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_latest < 1:
@@ -171,6 +174,68 @@ class MetricsConfig:
             raise ConfigError(f"metrics.backends lists a backend twice: {self.backends}")
 
 
+# Scalar tags of a run's logs (tb/, wandb/) that readers rely on: the trainer logs them under these names.
+TRAIN_LOSS = "train/loss"
+STEP_TIME = "perf/step_time_s"
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"
+VAL_LOSS = {"causal": "val/loss_causal", "topk": "val/loss_topk"}  # by routing mode
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder's layout: the contract between the trainer, which writes it, and every reader (evaluation,
+    the isoFLOP report, the tools, scripts/sweep.sh through them).
+
+        <run_root>/<name>/config.toml     the resolved config the run trained with
+                          .lock           held by rank 0 while a job trains here
+                          tb/  wandb/     TensorBoard scalars, W&B files (the tags readers use: above)
+                          <checkpoint.folder>/step-<8 digits>/   DCP checkpoints (checkpoint.py: COMPLETE)
+                          export/         weights-only export of the last step
+                          eval/           tools/eval.py results
+    """
+
+    path: Path
+    checkpoint_folder: str = "checkpoints"
+
+    @classmethod
+    def at(cls, path: str | Path) -> RunFolder:
+        """The run folder at `path`, with the checkpoint folder its saved config.toml names."""
+        path = Path(path)
+        folder = cls.checkpoint_folder
+        config = path / "config.toml"
+        if config.is_file():
+            try:
+                folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", folder)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{config}: not TOML ({e})") from None
+        return cls(path, folder)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.checkpoint_folder
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+
 @dataclass
 class JobConfig:
     name: str = "debug"  # run name; logs go to <run_root>/<name>
@@ -186,6 +251,10 @@ class JobConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir, self.checkpoint.folder)
 
     def validate(self) -> None:
         if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:

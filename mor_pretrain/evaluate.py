@@ -121,16 +121,19 @@ def load_for_eval(
 ) -> tuple[MoRModel, Tokenizer, str]:
     """Model and tokenizer from an export folder, a DCP checkpoint folder, or a run folder (its export,
     else its latest complete checkpoint). Returns (model in eval mode, tokenizer, resolved path)."""
-    from mor_pretrain.convert import COMPLETE, load_any
+    from mor_pretrain.checkpoint import complete_steps, step_dir
+    from mor_pretrain.config import RunFolder
+    from mor_pretrain.convert import load_any
 
     p = Path(path)
-    if (p / "export" / "model.safetensors").is_file():
-        p = p / "export"
-    elif (p / "checkpoints").is_dir():
-        steps = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / COMPLETE).is_file())
+    run = RunFolder.at(p)
+    if (run.export / "model.safetensors").is_file():
+        p = run.export
+    elif run.checkpoints.is_dir():
+        steps = complete_steps(run.checkpoints)
         if not steps:
             raise FileNotFoundError(f"run folder {p} has no export and no complete checkpoint")
-        p = steps[-1]
+        p = step_dir(run.checkpoints, steps[-1])
     args, state, meta = load_any(p)
     model = MoRModel(args)
     model.to(device)

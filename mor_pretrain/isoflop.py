@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mor_pretrain.config import JobConfig, dump_toml, load_config
+from mor_pretrain.config import TRAIN_LOSS, VAL_LOSS, JobConfig, RunFolder, dump_toml, load_config
 from mor_pretrain.flops import budget, executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.models.mor import ModelArgs
 
@@ -203,9 +203,12 @@ def run_job_config(cfg: JobConfig, run: RunPlan, runs: list[RunPlan]) -> JobConf
     out.optimizer.warmup_fraction = step_fraction(run.warmup_steps, run.steps)
     out.optimizer.decay_fraction = step_fraction(run.decay_steps, run.steps)
     out.checkpoint.save_steps = list(run.save_steps)
-    if run.branch_from is not None:
+    if run.branch_from is not None and run.branch_step is not None:
+        from mor_pretrain.checkpoint import step_dir
+
         big = next(r for r in runs if r.name == run.branch_from)
-        out.checkpoint.init_from = str(Path(big.run_dir) / cfg.checkpoint.folder / f"step-{run.branch_step:08d}")
+        big_checkpoints = RunFolder(Path(big.run_dir), cfg.checkpoint.folder).checkpoints
+        out.checkpoint.init_from = str(step_dir(big_checkpoints, run.branch_step))
     out.validate()
     return out
 
@@ -287,9 +290,6 @@ def gpu_hours_table(runs: list[RunPlan], seconds: dict[str, float], gpu: str, wo
 
 # ----------------------------------------------------------------------------------------------------
 # reporting
-
-
-VAL_TAGS = {"causal": "val/loss_causal", "topk": "val/loss_topk"}
 
 
 @dataclass
@@ -385,7 +385,7 @@ def suite_average(results: list[dict[str, Any]]) -> tuple[dict[str, float], int]
 def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
     """All results of <run>/eval/*.json, oldest file first, so a later result for the same task wins."""
     results: list[dict[str, Any]] = []
-    for path in sorted(Path(run_dir).glob("eval/*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+    for path in sorted(RunFolder(Path(run_dir)).eval.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
         try:
             data = json.loads(path.read_text())
             entries = data["results"]
@@ -399,11 +399,11 @@ def read_eval(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def read_run(run_dir: str | Path) -> RunResult:
     """Collect one run folder: its config, TensorBoard scalars and eval results."""
-    run = Path(run_dir)
-    cfg = load_config(run / "config.toml")
+    run = RunFolder.at(run_dir)
+    cfg = load_config(run.config)
     args = resolved_model_args(cfg)
     params, non_emb = count_params(args)
-    scalars, wall = _read_tb(run / "tb")
+    scalars, wall = _read_tb(run.tb)
     # Without logged progress counters, the spend follows from the step: the plan's own arithmetic.
     batch_tokens = cfg.training.global_batch_size * cfg.training.seq_len
     fpt = paper_flops_per_token(args, cfg.training.seq_len)
@@ -412,7 +412,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         v = _at(scalars.get(tag, {}), step)
         return v if v is not None else step * batch_tokens * per_token
 
-    val, topk = scalars.get(VAL_TAGS["causal"], {}), scalars.get(VAL_TAGS["topk"], {})
+    val, topk = scalars.get(VAL_LOSS["causal"], {}), scalars.get(VAL_LOSS["topk"], {})
     vsteps = sorted(val)
     curve = Curve(
         steps=vsteps,
@@ -422,13 +422,13 @@ def read_run(run_dir: str | Path) -> RunResult:
         val_loss_topk=[topk.get(s) for s in vsteps],
     )
     last = max((max(s) for s in scalars.values() if s), default=0)
-    train = scalars.get("train/loss", {})
-    averages, tasks = suite_average(read_eval(run))
+    train = scalars.get(TRAIN_LOSS, {})
+    averages, tasks = suite_average(read_eval(run.path))
     return RunResult(
         name=cfg.name,
         family=model_family(args),
         variant=model_variant(args),
-        run_dir=str(run),
+        run_dir=str(run.path),
         params=params,
         non_embedding_params=non_emb,
         step=last,
@@ -522,7 +522,7 @@ def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
         raise ImportError("plots need matplotlib: pip install 'mor-pretrain[plot]'") from None
     with_val = [r for r in results if r.curve.val_loss_causal]
     if not with_val:
-        raise ValueError(f"no run has {VAL_TAGS['causal']} scalars in its tb/ folder: nothing to plot")
+        raise ValueError(f"no run has {VAL_LOSS['causal']} scalars in its tb/ folder: nothing to plot")
     variants = sorted({r.variant for r in with_val}, key=lambda v: min(_order(r) for r in with_val if r.variant == v))
     colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
     out = Path(out_dir)

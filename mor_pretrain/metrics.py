@@ -12,13 +12,21 @@ import re
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mor_pretrain.config import JobConfig, MetricsConfig, config_to_dict, dump_toml
+from mor_pretrain.config import (
+    MFU,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    JobConfig,
+    MetricsConfig,
+    RunFolder,
+    config_to_dict,
+    dump_toml,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,17 +162,17 @@ def count_fractions(counts: dict[str, float]) -> dict[str, float]:
 
 # Console line: (tag, format), in order; a tag not logged at this step is left out.
 CONSOLE = (
-    ("train/loss", "loss {:.4f}"),
+    (TRAIN_LOSS, "loss {:.4f}"),
     ("train/lm_loss_max_rank", "max-rank lm {:.4f}"),
     ("train/grad_norm", "gnorm {:.3f}"),
     ("train/lr", "lr {:.2e}"),
     ("perf/tokens_per_s_per_device", "tok/s/dev {:,.0f}"),
     ("perf/tflops_per_device", "{:.3g} TFLOP/s/dev"),
-    ("perf/mfu", "mfu {:.1%}"),
+    (MFU, "mfu {:.1%}"),
     ("perf/data_share", "data {:.1%}"),
     ("mem/max_reserved_share", "mem {:.0%}"),
     ("mem/max_rss_share", "rss {:.0%}"),
-    ("val/loss_causal", "val causal {:.4f}"),
+    (VAL_LOSS["causal"], "val causal {:.4f}"),
 )
 
 
@@ -174,7 +182,7 @@ class MetricLogger:
     def __init__(
         self,
         cfg: MetricsConfig,
-        run_dir: Path,
+        folder: RunFolder,
         total_steps: int,
         rank: int,
         first_step: int = 0,
@@ -196,7 +204,7 @@ class MetricLogger:
         if "tensorboard" in cfg.backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb_dir = run_dir / "tb"
+            self.tb_dir = folder.tb
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1 if first_step else None)
             if job is not None:
                 self.writer.add_text("config", "```toml\n" + dump_toml(job) + "```", first_step)
@@ -206,10 +214,10 @@ class MetricLogger:
             config = config_to_dict(job) if job is not None else None
             self.wandb = wandb.init(
                 project=cfg.wandb_project,
-                name=run_dir.name,
+                name=folder.path.name,
                 id=wandb_id or None,
                 resume="allow",
-                dir=str(run_dir),
+                dir=str(folder.path),
                 config=config,
             )
 
@@ -233,8 +241,9 @@ class MetricLogger:
                 parts.append(fmt.format(scalars[tag]))
         if scalars.get("mem/alloc_retries") or scalars.get("mem/ooms"):
             parts.append(f"alloc retries {scalars['mem/alloc_retries']:.0f} ooms {scalars['mem/ooms']:.0f}")
-        if "val/loss_topk" in scalars and scalars["val/loss_topk"] != scalars.get("val/loss_causal"):
-            parts.append(f"val topk {scalars['val/loss_topk']:.4f}")
+        topk, causal = VAL_LOSS["topk"], VAL_LOSS["causal"]
+        if topk in scalars and scalars[topk] != scalars.get(causal):
+            parts.append(f"val topk {scalars[topk]:.4f}")
         parts.append(f"eta {_hms(eta)}")
         print(" | ".join(parts), flush=True)
 

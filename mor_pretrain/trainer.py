@@ -45,7 +45,17 @@ from mor_pretrain.checkpoint import (
     saved_config,
     step_dir,
 )
-from mor_pretrain.config import ConfigError, JobConfig, config_to_dict, dump_toml
+from mor_pretrain.config import (
+    MFU,
+    STEP_TIME,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    ConfigError,
+    JobConfig,
+    config_to_dict,
+    dump_toml,
+)
 from mor_pretrain.data import DataError, build_dataloader, load_tokenizer
 from mor_pretrain.data.tokenizer import padded_vocab_size
 from mor_pretrain.distributed import barrier, device_group, host_group, init_distributed
@@ -330,7 +340,7 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
     out_values: dict[str, float] = {}
     for mode in VAL_MODES:
         loss = by_mode.get(mode, losses[0])
-        out_values[f"val/loss_{mode}"] = loss
+        out_values[VAL_LOSS[mode]] = loss
         out_values[f"val/ppl_{mode}"] = math.exp(min(loss, 50.0))
     if expert:  # where causal routing sends tokens (training's top-k depths are its capacities)
         total = par.dp_sum(depths)
@@ -381,7 +391,7 @@ def log_step(
     stats = {k: v for k, v in losses.stats.items() if k != "maxvio"}  # per micro-batch; the global one below
     shares = {
         "train/lm_loss": losses.lm,
-        "train/loss": losses.lm + aux_total,
+        TRAIN_LOSS: losses.lm + aux_total,
         **{f"train/aux/{k}": v for k, v in losses.aux.items()},
         **{f"routing/{k}": v for k, v in stats.items() if v.ndim == 0},
         **{f"count/{k}/{i}": x for k, v in stats.items() if v.ndim for i, x in enumerate(v)},
@@ -398,15 +408,15 @@ def log_step(
     scored = values.pop("window/scored_tokens")
     data_s = values.pop("window/data_s")
     values["train/lr"] = lr
-    values["perf/tokens_per_s"] = scored / elapsed
+    values[TOKENS_PER_S] = scored / elapsed
     values["perf/tokens_per_s_per_device"] = scored / elapsed / dist.get_world_size()  # torchtitan's "tps"
-    values["perf/step_time_s"] = elapsed / window.steps
+    values[STEP_TIME] = elapsed / window.steps
     values["perf/data_time_s"] = data_s / window.steps
     values["perf/data_share"] = data_s / elapsed
     achieved = flops_per_position * window.positions / (elapsed * dist.get_world_size())
     values["perf/tflops_per_device"] = achieved / 1e12
     if peak is not None:
-        values["perf/mfu"] = achieved / peak
+        values[MFU] = achieved / peak
     values["progress/tokens"] = float(state.tokens_seen)
     values["train/skipped_steps"] = float(state.skipped_steps)
     values["progress/flops_paper"] = state.flops_paper
@@ -430,7 +440,7 @@ def export_final(model: MoRModel, cfg: JobConfig, state: TrainState, rank: int) 
             "data": list(cfg.data.sources),
         }
         extra = {"tokenizer": cfg.data.tokenizer, "training": training}
-        save_exported(cfg.run_dir / "export", cfg.model, sd, dtype=dtype, extra=extra)
+        save_exported(cfg.folder.export, cfg.model, sd, dtype=dtype, extra=extra)
 
 
 def batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
@@ -465,7 +475,7 @@ def train(cfg: JobConfig) -> TrainState:
             cfg.data, split="val", dp_world=dp_world, seed=t.seed, val_windows=val_windows, **loader_kw
         )
     state = TrainState()
-    checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir / cfg.checkpoint.folder, config_toml=dump_toml(cfg))
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.folder.checkpoints, config_toml=dump_toml(cfg))
     ck_states = {
         "model": ModelState(model),
         "optimizer": OptimizerState(model, optimizer),
@@ -479,14 +489,14 @@ def train(cfg: JobConfig) -> TrainState:
     finished_toml = resume(checkpointer, cfg, ck_states, ck_per_rank)
     if finished_toml is not None and state.step >= t.steps:
         nothing_to_do(cfg, finished_toml, state.step)
-        if not all((cfg.run_dir / "export" / f).is_file() for f in ("model.safetensors", "config.json")):
+        if not all((cfg.folder.export / f).is_file() for f in ("model.safetensors", "config.json")):
             # stopped (SIGTERM, preemption) during its last step: saved, never exported
             export_final(model, cfg, state, par.rank)
             if par.rank == 0:
-                print(f"wrote the missing export of step {state.step} to {cfg.run_dir / 'export'}", flush=True)
+                print(f"wrote the missing export of step {state.step} to {cfg.folder.export}", flush=True)
         return finish(state, lock)
     if par.rank == 0:  # only now: a refused resume leaves the run's record of what it ran with
-        (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
+        cfg.folder.config.write_text(dump_toml(cfg))
     preemption = PreemptionWatcher()
 
     positions = t.global_batch_size * t.seq_len
@@ -498,10 +508,10 @@ def train(cfg: JobConfig) -> TrainState:
         dist.broadcast_object_list(run_id, src=0, group=host_group())
         state.wandb_run_id = run_id[0]
     metrics = MetricLogger(
-        cfg.metrics, cfg.run_dir, t.steps, par.rank, first_step=state.step, job=cfg, wandb_id=state.wandb_run_id
+        cfg.metrics, cfg.folder, t.steps, par.rank, first_step=state.step, job=cfg, wandb_id=state.wandb_run_id
     )
     if par.rank == 0:
-        print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
+        print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.folder.tb}", flush=True)
     first_step, skipped_at_start = state.step, state.skipped_steps
     window = LogWindow()
     train_iter = iter(train_loader)
@@ -522,7 +532,7 @@ def train(cfg: JobConfig) -> TrainState:
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:
             values = log_step(losses, grad_norm, lr, window, state, exec_per_pos, peak, par)
-            finite = math.isfinite(values["train/loss"]) and math.isfinite(values["train/grad_norm"])
+            finite = math.isfinite(values[TRAIN_LOSS]) and math.isfinite(values["train/grad_norm"])
             if t.nonfinite == "stop" and not finite:
                 raise FloatingPointError(f"step {state.step}: non-finite loss or grad norm: {values}")
             metrics.log(state.step, values, state.step - first_step)
@@ -550,7 +560,7 @@ def train(cfg: JobConfig) -> TrainState:
         )
     if stopped:
         logger.warning("preempted: saved step %d; the same command resumes", state.step)
-    else:
+    elif cfg.checkpoint.save_final:
         export_final(model, cfg, state, par.rank)
     metrics.close()
     return finish(state, lock)

@@ -16,8 +16,8 @@ plan_dir=$(cd "$1" && pwd)
 export PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."  # configs name data and run folders relative to the repository root
 
-# One tab-separated line per run: name, config, run folder, its checkpoint folder, the checkpoint it starts
-# from (or "-").
+# One tab-separated line per run: name, config, run folder, its checkpoint and export folders (the run folder
+# layout: mor_pretrain.config.RunFolder), the checkpoint it starts from (or "-").
 runs=$("$PYTHON" - "$plan_dir" <<'EOF'
 import sys
 from pathlib import Path
@@ -29,8 +29,8 @@ plan_dir = Path(sys.argv[1])
 try:
     for run in load_plan(plan_dir):
         cfg = load_config(plan_dir / run.config)
-        ckpts = cfg.run_dir / cfg.checkpoint.folder
-        print(run.name, plan_dir / run.config, cfg.run_dir, ckpts, cfg.checkpoint.init_from or "-", sep="\t")
+        f = cfg.folder
+        print(run.name, plan_dir / run.config, f.path, f.checkpoints, f.export, cfg.checkpoint.init_from or "-", sep="\t")
 except (FileNotFoundError, ConfigError) as e:
     sys.exit(f"error: {e}")
 EOF
@@ -38,9 +38,9 @@ EOF
 
 total=$(printf '%s\n' "$runs" | wc -l)
 i=0
-while IFS=$'\t' read -r name config run_dir ckpts init_from; do
+while IFS=$'\t' read -r name config run_dir ckpts export init_from; do
     i=$((i + 1))
-    if [[ -f "$run_dir/DONE" || -f "$run_dir/export/config.json" ]]; then
+    if [[ -f "$run_dir/DONE" || -f "$export/config.json" ]]; then
         echo "== [$i/$total] $name: finished, skipped"
         continue
     fi
@@ -54,7 +54,7 @@ while IFS=$'\t' read -r name config run_dir ckpts init_from; do
     start=$SECONDS
     CONFIG="$config" bash scripts/train.sh </dev/null
     # A preempted trainer (SIGTERM, SIGUSR1) saves and exits 0 without an export: not finished.
-    if [[ ! -f "$run_dir/export/config.json" ]]; then
+    if [[ ! -f "$export/config.json" ]]; then
         echo "error: $name stopped before its last step (preempted?) and wrote no export;" \
             "run the sweep again to resume it from its checkpoint" >&2
         exit 1

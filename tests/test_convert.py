@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_args, tiny_model
 
 from mor_pretrain.checkpoint import mark_complete
-from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+from mor_pretrain.config import JobConfig, RunFolder, TrainingConfig, dump_toml
 from mor_pretrain.convert import (
     COMPLETE,
     dcp_to_export,
@@ -32,11 +32,13 @@ def job_toml(args):
     return dump_toml(JobConfig(model=args, training=TrainingConfig(seq_len=16)))
 
 
-def write_run_checkpoint(run, model, step=3):
-    """A run folder as the trainer lays it out: config.toml + checkpoints/step-N with a DCP save."""
+def write_run_checkpoint(run, model, step=3, folder="checkpoints"):
+    """A run folder as the trainer lays it out: config.toml + <checkpoint.folder>/step-N with a DCP save."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.toml").write_text(job_toml(model.args))
-    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    cfg = JobConfig(model=model.args, training=TrainingConfig(seq_len=16))
+    cfg.checkpoint.folder = folder
+    (run / "config.toml").write_text(dump_toml(cfg))
+    ckpt = RunFolder(run, folder).checkpoints / f"step-{step:08d}"
     state = {"model": model.state_dict(), "train_state": {"step": torch.tensor(step)}}
     dcp.save(state, checkpoint_id=str(ckpt))
     mark_complete(ckpt, step)
@@ -57,6 +59,20 @@ def test_dcp_to_export_and_back(tmp_path):
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
     with pytest.raises(FileExistsError):
         export_to_dcp(out, back)
+
+
+def test_evaluation_opens_a_run_folder_whose_checkpoints_live_elsewhere(tmp_path):
+    """checkpoint.folder names where the run's checkpoints are; evaluation reads it from the run's config."""
+    from mor_pretrain.evaluate import load_for_eval
+
+    model = tiny_model()
+    write_run_checkpoint(tmp_path / "run", model, step=2, folder="ckpt")
+    ckpt = write_run_checkpoint(tmp_path / "run", model, step=5, folder="ckpt")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    loaded, _, resolved = load_for_eval(tmp_path / "run")
+    assert resolved == str(ckpt)
+    x = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
 
 
 def test_vocab_size_zero_is_read_from_the_checkpoint(tmp_path):

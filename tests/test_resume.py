@@ -145,6 +145,15 @@ def test_seed_checkpoint_is_step_zero_and_runs_start_from_it(tmp_path):
     assert complete_steps(seed.parent) == [0, 2]  # the seed is never pruned
 
 
+def test_a_throwaway_run_keeps_its_periodic_checkpoints_only(tmp_path):
+    """checkpoint.save_final = false (benchmarks): no last-step checkpoint and no export; periodic ones stay."""
+    ok(launch(tmp_path, "--training.steps=3", "--checkpoint.interval=2", "--checkpoint.save_final=false", nproc=1))
+    run = tmp_path / "runs" / "debug_mor"
+    assert complete_steps(run / "checkpoints") == [2]
+    assert not (run / "export").exists()
+    assert sorted(scalars(run, "train/loss")) == [1, 2, 3]
+
+
 def test_a_finished_run_relaunched_does_nothing_and_a_changed_config_or_rewind_is_refused(tmp_path):
     common = ["--training.steps=2", "--checkpoint.interval=1"]
     ok(launch(tmp_path, *common, nproc=1))

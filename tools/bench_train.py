@@ -15,24 +15,20 @@ head and routers) give the achieved TFLOP/s and MFU. The end-of-run checkpoint a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import random
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
 from mor_pretrain import trainer
-from mor_pretrain.checkpoint import Checkpointer
-from mor_pretrain.config import JobConfig, load_config
+from mor_pretrain.config import MFU, STEP_TIME, TOKENS_PER_S, TRAIN_LOSS, JobConfig, RunFolder, load_config
 from mor_pretrain.flops import executed_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,17 +93,6 @@ def write_corpus(root: Path, docs: int = 400, seed: int = 0) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def no_final_save() -> Iterator[None]:
-    """The trainer always saves and exports at the last step and has no switch for it; a benchmark only
-    wants the step times, so both are stubbed out for the duration."""
-    with (
-        mock.patch.object(Checkpointer, "should_save", lambda self, step, last: False),
-        mock.patch.object(trainer, "export_final", lambda *a, **k: None),
-    ):
-        yield
-
-
 def job(config: str, name: str, overrides: list[str], batch: int, s: Setting, corpus: Path, runs: Path) -> JobConfig:
     log = max(1, s.steps // 2)
     return load_config(
@@ -121,6 +106,7 @@ def job(config: str, name: str, overrides: list[str], batch: int, s: Setting, co
             "--data.lanes=4",
             "--data.shuffle_buffer=4",
             f"--data.num_workers={s.workers}",
+            "--checkpoint.save_final=false",  # only the step times matter
             f"--training.device={s.device}",
             f"--training.steps={s.steps}",
             f"--training.global_batch_size={batch}",
@@ -150,7 +136,7 @@ def reset_device(device: str) -> None:
 def last_scalars(run: Path) -> dict[str, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(run / "tb"))
+    ea = EventAccumulator(str(RunFolder(run).tb))
     ea.Reload()
     return {tag: ea.Scalars(tag)[-1].value for tag in ea.Tags()["scalars"]}
 
@@ -162,8 +148,7 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
     reset_device(s.device)
     oom = False
     try:
-        with no_final_save():
-            trainer.train(cfg)
+        trainer.train(cfg)
     except torch.OutOfMemoryError:
         oom = True  # clean up below: inside `except` the traceback still holds the model and optimizer
     if oom:
@@ -175,7 +160,7 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
     tags = last_scalars(cfg.run_dir)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     flops = executed_flops_per_token(cfg.model, s.seq_len)
-    step_time = tags["perf/step_time_s"]
+    step_time = tags[STEP_TIME]
     mem = tags.get("mem/max_allocated_gib", tags.get("mem/max_rss_gib", float("nan")))
     return {
         "label": label,
@@ -184,13 +169,13 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
         "batch": batch,
         "seq_len": s.seq_len,
         "params": _meta_params(cfg),
-        "tokens_per_s": tags["perf/tokens_per_s"],
+        "tokens_per_s": tags[TOKENS_PER_S],
         "step_time_s": step_time,
         "flops_per_token": flops,
         "achieved_tflops": flops * batch * s.seq_len / step_time / 1e12,
-        "trainer_mfu": tags.get("perf/mfu"),
+        "trainer_mfu": tags.get(MFU),
         "peak_mem_gib": mem,
-        "loss": tags["train/loss"],
+        "loss": tags[TRAIN_LOSS],
         "oom": False,
     }
 

@@ -100,9 +100,11 @@ def positive_int(text: str) -> int:
 
 def default_output(resolved: Path, shots: int) -> str | None:
     """<run>/eval/<checkpoint name>-<shots>shot.json when the checkpoint sits in a run folder."""
-    for run in (resolved.parent, resolved.parent.parent):
-        if (run / "config.toml").is_file():
-            return str(run / "eval" / f"{resolved.name}-{shots}shot.json")
+    from mor_pretrain.config import RunFolder
+
+    for run in (RunFolder(resolved.parent), RunFolder(resolved.parent.parent)):
+        if run.config.is_file():
+            return str(run.eval / f"{resolved.name}-{shots}shot.json")
     return None
 
 

@@ -39,6 +39,7 @@ def environment() -> dict[str, str]:
 
 def train_losses(config: str, overrides: list[str], run_root: Path) -> list[float]:
     """train/loss at steps 1..STEPS of `python train.py` (a group of one, one thread)."""
+    from mor_pretrain.config import TRAIN_LOSS, RunFolder
     from mor_pretrain.isoflop import read_scalars
 
     name = f"golden_{config}_{len(overrides)}"
@@ -49,7 +50,7 @@ def train_losses(config: str, overrides: list[str], run_root: Path) -> list[floa
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    series = read_scalars(run_root / name / "tb")["train/loss"]
+    series = read_scalars(RunFolder(run_root / name).tb)[TRAIN_LOSS]
     return [series[s] for s in range(1, STEPS + 1)]
 
 
