@@ -17,7 +17,6 @@ depth its router (+ depth_bias) picks. `DepthControl` caps, forces or moves thes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from mor_pretrain.models import MoRModel
-from mor_pretrain.models.layers import Block, apply_rope
+from mor_pretrain.models.layers import Block, CacheView
+from mor_pretrain.models.mor import compact
 
 
 @dataclass
@@ -150,27 +150,17 @@ def cached_block(
     v_cache: torch.Tensor,
     writes: _Writes | None,
 ) -> torch.Tensor:
-    """Block.forward over cached keys: store the new tokens' K/V (unless `writes` is None, e.g. a KV-sharing
-    step reading step 0), then attend to the first mask.shape[-1] slots. x: (batch, T, dim)."""
-    att = blk.attention
-    b, t, _ = x.shape
-    xn = blk.attention_norm(x)
-    q = apply_rope(att.wq(xn).view(b, t, -1, att.head_dim).transpose(1, 2), rope)
-    if writes is not None:
-        k, v = att.project_kv(xn, rope)  # (batch, kv_heads, T, head_dim)
+    """Block.forward over this layout of cached keys: store the new tokens' K/V (unless `writes` is None, e.g.
+    a KV-sharing step reading step 0), then attend to the first mask.shape[-1] slots. x: (batch, T, dim)."""
+
+    def write(k: torch.Tensor, v: torch.Tensor) -> None:
+        assert writes is not None
         k_cache[writes.rows, :, writes.slots] = k[writes.rows, :, writes.cols]
         v_cache[writes.rows, :, writes.slots] = v[writes.rows, :, writes.cols]
+
     span = mask.shape[-1]
-    out = F.scaled_dot_product_attention(
-        q,
-        k_cache[:, :, :span],
-        v_cache[:, :, :span],
-        attn_mask=mask,
-        scale=1.0 / math.sqrt(att.head_dim),
-        enable_gqa=att.n_heads != att.n_kv_heads,
-    )
-    h = x + att.wo(out.transpose(1, 2).reshape(b, t, -1))
-    return h + blk.feed_forward(blk.ffn_norm(h))
+    view = CacheView(None if writes is None else write, lambda: (k_cache[:, :, :span], v_cache[:, :, :span]))
+    return blk(x, rope, mask, cache=view)[0]
 
 
 def _run_group(
@@ -218,12 +208,8 @@ def _stack(
                 h = cached_block(blk, h, rope, mask, cache.steps[r].k[i], cache.steps[r].v[i], writes[r])
         return h, depth + steps * valid.long()
     if a.router == "token":
-        logits = stack.routers[0](h)  # (batch, T, Nr)
-        probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
-        choice = (probs + stack.depth_bias).argmax(-1)
-        tc_gate = a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
+        _, _, choice, tc_gate = stack.token_depth(h)
         target = torch.full_like(choice, nr) if ctl.full_depth else (choice + 1).clamp(max=steps)
-    threshold = a.causal_threshold if ctl.threshold is None else ctl.threshold
     active = valid
     for step in range(steps):
         gate: torch.Tensor | None = None
@@ -232,12 +218,11 @@ def _stack(
         elif a.router == "token":
             sel, gate = valid & (target > step), tc_gate
         else:
-            logits = stack.routers[step](h)  # (batch, T, 1)
-            gate = a.router_alpha * torch.sigmoid(logits)
-            decide = stack.aux_routers[step](h) if len(stack.aux_routers) else logits
+            logits = stack.expert_logits(h, step)  # (batch, T)
+            gate = stack.expert_gate(logits)
             sel = active
-            if a.step_capacities[step] < 1.0 and not ctl.full_depth:
-                sel = active & (torch.sigmoid(decide.squeeze(-1)) >= threshold)
+            if not ctl.full_depth:
+                sel = active & stack.causal_continue(stack.decision_scores(h, step, logits), step, ctl.threshold)
         share = a.kv_mode == "share" and step > 0
         group = cache.steps[0 if share else step]
         if not share:
@@ -248,9 +233,8 @@ def _stack(
         if not bool(sel.any()):
             break  # decisions are hierarchical: nobody goes deeper
         # Pack each row's selected tokens to the front, so a step costs its selected tokens only.
-        n = int(sel.sum(1).max())
-        idx = (~sel).long().sort(dim=1, stable=True).indices[:, :n]  # (batch, n) selected first, in order
-        x, sel_c = _pack(h, idx), _pack(sel, idx)
+        idx, sel_c = compact(sel, int(sel.sum(1).max()))  # (batch, n) selected first, in order
+        x = _pack(h, idx)
         rope_c = _pack(rope.transpose(1, 2), idx).transpose(1, 2)
         f = _run_group(layers, group, x, rope_c, _pack(qpos, idx), sel_c, write=not share)
         upd = f if gate is None else x + _pack(gate, idx).to(x.dtype) * f

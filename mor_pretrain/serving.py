@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mor_pretrain.generate import (
     DepthControl,
@@ -43,7 +42,7 @@ from mor_pretrain.generate import (
     sample,
 )
 from mor_pretrain.models import MoRModel
-from mor_pretrain.models.layers import Block, apply_rope
+from mor_pretrain.models.layers import Block, CacheView
 
 
 @dataclass
@@ -67,25 +66,18 @@ def _attend_rows(
     window: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Block forward for one token per row. x: (n, 1, dim); the row's new K/V go to buf[rows, :, slot],
-    then it attends to its cache window buf[rows, :, window[row]] under mask (n, 1, 1, width)."""
-    att = blk.attention
-    n = x.shape[0]
-    xn = blk.attention_norm(x)
-    q = apply_rope(att.wq(xn).view(n, 1, -1, att.head_dim).transpose(1, 2), rope)
-    k, v = att.project_kv(xn, rope)  # (n, kv_heads, 1, head_dim)
-    k_buf[rows, :, slot] = k[:, :, 0]
-    v_buf[rows, :, slot] = v[:, :, 0]
-    out = F.scaled_dot_product_attention(
-        q,
-        k_buf[rows[:, None], :, window].transpose(1, 2),  # (n, kv_heads, width, head_dim) copy
-        v_buf[rows[:, None], :, window].transpose(1, 2),
-        attn_mask=mask,
-        scale=1.0 / math.sqrt(att.head_dim),
-        enable_gqa=att.n_heads != att.n_kv_heads,
-    )
-    h = x + att.wo(out.transpose(1, 2).reshape(n, 1, -1))
-    return h + blk.feed_forward(blk.ffn_norm(h))
+    """Block.forward for one token per row over this engine's cache layout. x: (n, 1, dim); the row's new K/V
+    go to buf[rows, :, slot], then it attends to its cache window buf[rows, :, window[row]] under mask
+    (n, 1, 1, width)."""
+
+    def write(k: torch.Tensor, v: torch.Tensor) -> None:  # (n, kv_heads, 1, head_dim)
+        k_buf[rows, :, slot] = k[:, :, 0]
+        v_buf[rows, :, slot] = v[:, :, 0]
+
+    def read() -> tuple[torch.Tensor, torch.Tensor]:  # (n, kv_heads, width, head_dim) copies
+        return k_buf[rows[:, None], :, window].transpose(1, 2), v_buf[rows[:, None], :, window].transpose(1, 2)
+
+    return blk(x, rope, mask, cache=CacheView(write, read))[0]
 
 
 class _Buffers:
@@ -279,18 +271,11 @@ class DepthBatchEngine:
         if a.router == "token":
             return go & (self.target[rows] > step)
         if a.router == "expert":
-            r = step.clamp(max=a.num_recursions - 1)[:, None]
-            logits = torch.cat([router(h) for router in stack.routers], -1).gather(1, r)  # (n, 1)
-            self.gate[rows] = a.router_alpha * torch.sigmoid(logits)
-            decide = (
-                torch.cat([router(h) for router in stack.aux_routers], -1).gather(1, r)
-                if len(stack.aux_routers)
-                else logits
-            )
-            thr = a.causal_threshold if ctl.threshold is None else ctl.threshold
-            caps = torch.tensor(a.step_capacities, device=h.device)[r[:, 0]]
+            r = step.clamp(max=a.num_recursions - 1)
+            logits = stack.expert_logits(h, r)  # (n,)
+            self.gate[rows] = stack.expert_gate(logits)
             if not ctl.full_depth:
-                go = go & ((caps >= 1.0) | (torch.sigmoid(decide[:, 0]) >= thr))
+                go = go & stack.causal_continue(stack.decision_scores(h, r, logits), r, ctl.threshold)
         return go
 
     def _exit(self, rows: torch.Tensor) -> None:
@@ -346,10 +331,7 @@ class DepthBatchEngine:
         self.h[rows] = h
         self.step[rows] = 0
         if a.router == "token":
-            probs = stack.routers[0](h)
-            probs = probs.softmax(-1) if a.router_activation == "softmax" else probs.sigmoid()
-            choice = (probs + stack.depth_bias).argmax(-1)
-            self.gate[rows] = a.router_alpha * probs.gather(-1, choice[:, None])
+            _, _, choice, self.gate[rows] = stack.token_depth(h)
             self.target[rows] = torch.full_like(choice, a.num_recursions) if self.ctl.full_depth else choice + 1
         go = self._continues(h, self.step[rows], rows)
         self.live[rows] = go

@@ -1,12 +1,15 @@
 """Llama-style building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU and the pre-norm block.
 
 Attention takes explicit token positions so that a compacted (gathered) sequence keeps the RoPE phases of
-its original positions, and it can reuse keys/values computed elsewhere (recursive KV sharing).
+its original positions, and it can reuse keys/values computed elsewhere (recursive KV sharing) or read and
+write a cache (CacheView): the one attention body that training, generation and serving share.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,16 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
+@dataclass
+class CacheView:
+    """A cached forward's keys and values: `write(k, v)` stores the new tokens' (None: they store nothing,
+    as under KV sharing), `read()` returns what the queries attend to under the forward's mask. Cached
+    generation and the serving engine each lay out their caches their own way behind one of these."""
+
+    write: Callable[[torch.Tensor, torch.Tensor], None] | None
+    read: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -63,15 +76,21 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         mask: torch.Tensor | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: CacheView | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: (batch, seq, dim). mask: boolean (batch, 1, seq, kv_seq), True = may attend; None = causal.
 
         kv: precomputed (keys, values), each (batch, kv_heads, kv_seq, head_dim); when given, this layer
-        projects only queries. Returns the output and the keys/values it attended to.
+        projects only queries. cache: the new keys/values go to the cache and the queries attend to what it
+        holds (generation, serving). Returns the output and the keys/values it attended to.
         """
         b, t, _ = x.shape
         q = apply_rope(self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2), rope)
-        if kv is None:
+        if cache is not None:
+            if cache.write is not None:
+                cache.write(*self.project_kv(x, rope))
+            kv = cache.read()
+        elif kv is None:
             kv = self.project_kv(x, rope)
         k, v = kv
         # The default scale is 1/sqrt(head_dim); spelled out so bf16 and fp32 paths agree.
@@ -123,8 +142,9 @@ class Block(nn.Module):
         rope: torch.Tensor,
         mask: torch.Tensor | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: CacheView | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, kv = self.attention(self.attention_norm(x), rope, mask, kv)
+        a, kv = self.attention(self.attention_norm(x), rope, mask, kv, cache)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv
 

@@ -235,7 +235,7 @@ def bucket_size(n: int, seq_len: int) -> int:
     return min(seq_len, max(1, -(-n // unit)) * unit)
 
 
-def _compact(sel: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(sel: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, n) positions holding each sequence's selected tokens in their original order, then
     unselected ones as padding, and (batch, n) which of them are selected. Padding after the selected
     tokens keeps plain causal attention over the compacted rows exact for every selected query."""
@@ -311,6 +311,45 @@ class RecursionStack(nn.Module):
             out_kvs.append(kv)
         return x, out_kvs
 
+    # The routing rules, written once: training (_routed), cached generation and the serving engine call them.
+
+    def token_depth(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token choice from the one router on the stack input h (..., dim): (logits, scores, chosen depth
+        index, gate). The loss-free balancing bias steers the pick only; the gate is alpha x the picked
+        depth's score, (..., 1)."""
+        a = self.args
+        logits = self.routers[0](h)
+        probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
+        choice = (probs.detach() + self.depth_bias).argmax(-1)
+        return logits, probs, choice, a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
+
+    def expert_logits(self, h: torch.Tensor, step: int | torch.Tensor, aux: bool = False) -> torch.Tensor:
+        """Expert choice: router logits (...) of recursion step `step` for the tokens h (..., dim); `step` is
+        an int, or a tensor (...) of one step per token (the serving engine's rows). aux: the auxiliary
+        router's."""
+        routers = self.aux_routers if aux else self.routers
+        if isinstance(step, int):
+            return routers[step](h).squeeze(-1)
+        return torch.cat([r(h) for r in routers], -1).gather(-1, step.unsqueeze(-1)).squeeze(-1)
+
+    def expert_gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The weight of a recursion step's output, alpha x sigmoid(router logit), (..., 1)."""
+        return self.args.router_alpha * torch.sigmoid(logits).unsqueeze(-1)
+
+    def decision_scores(self, h: torch.Tensor, step: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What causal expert choice decides on: the auxiliary router's score when there is one (trained to
+        predict top-k selection, on detached inputs), else the router's own (from its `logits`)."""
+        return torch.sigmoid(self.expert_logits(h.detach(), step, aux=True) if len(self.aux_routers) else logits)
+
+    def causal_continue(
+        self, scores: torch.Tensor, step: int | torch.Tensor, threshold: float | None = None
+    ) -> torch.Tensor:
+        """Causal expert choice: a token continues into `step` when its decision score clears the threshold
+        (model.causal_threshold unless given), or when the step has capacity 1."""
+        a = self.args
+        full = torch.tensor(a.step_capacities, device=scores.device)[step] >= 1.0
+        return (scores >= (a.causal_threshold if threshold is None else threshold)) | full
+
     def forward(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
         """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, side losses, stats, depth."""
         if self.args.router == "none":
@@ -365,7 +404,7 @@ class RecursionStack(nn.Module):
                 n = None if step == 0 else bucket_size(busiest[step], t)  # every token runs step 0
             else:
                 sel, gate, n = self._expert_pick(step, h, active, routing, n, log)
-            idx, valid = (None, None) if n is None else _compact(sel, n)
+            idx, valid = (None, None) if n is None else compact(sel, n)
             x, pos = (h, full_pos) if idx is None else (_gather(h, idx), idx)
             share = a.kv_mode == "share" and step > 0
             mask = None
@@ -413,10 +452,7 @@ class RecursionStack(nn.Module):
         index (batch, seq) and the gate (batch, seq, 1); adds the balancing terms and the load."""
         a = self.args
         nr = a.num_recursions
-        logits = self.routers[0](h)  # (batch, seq, Nr)
-        probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
-        choice = (probs.detach() + self.depth_bias).argmax(-1)  # the bias steers selection only
-        gate = a.router_alpha * probs.gather(-1, choice.unsqueeze(-1))
+        logits, probs, choice, gate = self.token_depth(h)  # logits, probs: (batch, seq, Nr)
         load = F.one_hot(choice, nr).float().flatten(0, 1).sum(0)  # tokens per depth
         if a.balancing == "loss":
             # Sigmoid scores are normalized over the depths for this term (as DeepSeek-V3 does): raw
@@ -441,15 +477,14 @@ class RecursionStack(nn.Module):
         a = self.args
         t = h.shape[1]
         k = a.tokens_per_step(t)[step]
-        logits = self.routers[step](h).squeeze(-1)  # (batch, seq)
+        logits = self.expert_logits(h, step)  # (batch, seq)
         scores = torch.sigmoid(logits)
-        gate = a.router_alpha * scores.unsqueeze(-1)
+        gate = self.expert_gate(logits)
         if routing == "causal":
             if a.step_capacities[step] >= 1.0:
                 return active, gate, n
-            decide = self.aux_routers[step](h.detach()).squeeze(-1) if len(self.aux_routers) else logits
-            score = torch.sigmoid(decide)
-            sel = active & (score >= a.causal_threshold)
+            score = self.decision_scores(h, step, logits)
+            sel = active & self.causal_continue(score, step)
             with torch.no_grad():
                 top = score.masked_fill(~active, -1.0).topk(k, dim=1).indices
                 topk_sel = torch.zeros_like(active).scatter(1, top, True) & active
