@@ -1,14 +1,14 @@
 """The compacted recursion (gather the active tokens, causal attention, scatter back) equals the full-length
-masked recursion of tests/masked_reference.py, and runs only the rows it routes."""
+masked recursion of mor_pretrain/models/reference.py, and runs only the rows it routes."""
 
 import pytest
 import torch
 from conftest import tiny_args, tiny_model
-from masked_reference import masked_forward
 from torch.utils.flop_counter import FlopCounterMode
 
 from mor_pretrain.models import MoRModel
 from mor_pretrain.models.mor import bucket_size
+from mor_pretrain.models.reference import masked_forward
 
 TOKEN = {
     "softmax_loss": dict(router_activation="softmax", router_alpha=1.0, z_loss_coef=1e-5),

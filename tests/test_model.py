@@ -1,9 +1,9 @@
 import pytest
 import torch
 from conftest import tiny_args, tiny_model
-from masked_reference import causal_key_mask
 
 from mor_pretrain.models import ModelArgs, MoRModel
+from mor_pretrain.models.reference import causal_key_mask
 
 VARIANTS = {
     "vanilla": dict(num_recursions=1, sharing="cycle", n_layers=4),

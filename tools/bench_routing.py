@@ -4,7 +4,7 @@ recursion it replaced, beside the fixed-depth recursive model and top-k MoR of t
 python tools/bench_routing.py [--seq-len 256 --batch 4 --repeats 7] [--json]
 
 Random weights, one process. "masked" is the pre-compaction algorithm, kept as the tests' oracle in
-tests/masked_reference.py: every step runs all positions under a key mask. Training rows time forward +
+mor_pretrain/models/reference.py: every step runs all positions under a key mask. Training rows time forward +
 backward of the LM loss plus auxiliary losses; evaluation rows time a no-grad forward. Each number is the
 median of --repeats timings after one warm-up, in process CPU time (run with OMP_NUM_THREADS=1) so other
 jobs on a shared machine do not skew the ratios; all ratios come from one run.
@@ -18,14 +18,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from mor_pretrain.models import ModelArgs, MoRModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from masked_reference import masked_forward
+from mor_pretrain.models.reference import masked_forward
 
 
 def build(router: str, seq_len: int, **kw) -> MoRModel:

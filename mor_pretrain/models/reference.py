@@ -1,4 +1,5 @@
-"""The full-length masked recursion: the oracle the compacted recursion of MoRModel is tested against.
+"""The full-length masked recursion: the oracle the compacted recursion of MoRModel is tested (tests/) and
+timed (tools/bench_routing.py) against. Not used by training or inference.
 
 Every recursion step runs on all positions, attention restricted to the tokens active at that step (or, with
 KV sharing, to the tokens active at step 0), and only active rows take the update. It decides routing the
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mor_pretrain.models import MoRModel
+from mor_pretrain.models.mor import KV, MoRModel
 
 
 def causal_key_mask(keys: torch.Tensor) -> torch.Tensor:
@@ -22,13 +23,15 @@ def causal_key_mask(keys: torch.Tensor) -> torch.Tensor:
     return ((causal & keys[:, None, :]) | eye).unsqueeze(1)
 
 
-def masked_stack(model: MoRModel, h: torch.Tensor, routing: str):
+def masked_stack(
+    model: MoRModel, h: torch.Tensor, routing: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Token choice (both routings) or expert choice with routing="causal". Returns h, aux, depth."""
     a, stack = model.args, model.stack
     b, t, _ = h.shape
     nr = a.num_recursions
     rope = model.rope[:t][None, None]
-    aux = {}
+    aux: dict[str, torch.Tensor] = {}
     if a.router == "token":
         logits = stack.routers[0](h)
         probs = logits.softmax(-1) if a.router_activation == "softmax" else logits.sigmoid()
@@ -44,7 +47,8 @@ def masked_stack(model: MoRModel, h: torch.Tensor, routing: str):
         assert routing == "causal"
     active = torch.ones(b, t, dtype=torch.bool)
     depth = torch.zeros(b, t, dtype=torch.long)
-    kvs0 = keys0 = None
+    kvs0: list[KV] | None = None
+    keys0 = active
     for step in range(nr):
         if a.router == "token":
             sel, gate = choice >= step, gate_tc
@@ -66,7 +70,9 @@ def masked_stack(model: MoRModel, h: torch.Tensor, routing: str):
     return h, aux, depth
 
 
-def masked_forward(model: MoRModel, tokens: torch.Tensor, labels: torch.Tensor, routing: str = "topk"):
+def masked_forward(
+    model: MoRModel, tokens: torch.Tensor, labels: torch.Tensor, routing: str = "topk"
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(logits, loss, aux losses, depth) of the whole model with the masked recursion stack."""
     t = tokens.shape[1]
     rope = model.rope[:t][None, None]
@@ -77,5 +83,5 @@ def masked_forward(model: MoRModel, tokens: torch.Tensor, labels: torch.Tensor, 
     if model.last is not None:
         h, _ = model.last(h, rope)
     logits = F.linear(model.norm(h), model.head_weight())
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + sum(aux.values())
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + sum(aux.values(), torch.zeros(()))
     return logits, loss, aux, depth
