@@ -22,6 +22,8 @@ after every rank's DCP writes, so `COMPLETE` implies every file is there.
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import fcntl
 import io
 import json
@@ -35,7 +37,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ import torch.distributed.checkpoint as dcp
 import xxhash
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -55,9 +59,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from tqdm import tqdm
 
-from mor_pretrain.config import CheckpointConfig, JobConfig, RunFolder
+from mor_pretrain.config import CheckpointConfig, JobConfig, RunFolder, load_config
 from mor_pretrain.distributed import host_group, rank, world_size
+from mor_pretrain.models import ModelArgs, MoRModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -685,3 +691,118 @@ class PreemptionWatcher:
         flag = torch.tensor([int(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint's model weights, read whole in one process (conversion, evaluation)
+
+_READ_BYTES = 256 * 2**20  # tensors read per DCP call: bounds memory spikes and drives the progress bar
+
+
+@contextlib.contextmanager
+def without_process_group() -> Iterator[None]:
+    """Silence DCP's warning about running without a process group: that is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def expected_state_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of MoRModel(args).state_dict(), built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MoRModel(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DCP <-> export
+
+
+def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
+    """The tensors under the top-level "model" key of a complete DCP checkpoint, by model state-dict name."""
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
+    if not (ckpt / ".metadata").is_file():
+        raise ValueError(f"{ckpt} is not a DCP checkpoint: {ckpt / '.metadata'} is missing")
+    if not (ckpt / COMPLETE).is_file():
+        raise ValueError(f"{ckpt} is incomplete (no {COMPLETE} marker): its save never finished")
+    verify_checkpoint(ckpt)
+    check_dcp_metadata(ckpt)  # DCP unpickles it: admit only what DCP metadata is made of
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    entries = {
+        k[len("model.") :]: v
+        for k, v in meta.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+    if not entries:
+        raise ValueError(f"{ckpt} holds no tensors under the top-level 'model' key")
+    return entries
+
+
+def _find_run_config(ckpt: Path) -> Path:
+    for cand in (ckpt / "config.toml", ckpt.parent.parent / "config.toml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no config.toml in {ckpt} or its run folder {ckpt.parent.parent}; pass --config")
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: config {v}, found {found[k]}" for k, v in expected.items() if found.get(k, v) != v]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+
+
+def load_dcp_model(
+    ckpt: str | Path, config: str | Path | None = None, progress: bool = True
+) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the model weights of a complete DCP checkpoint into full CPU tensors, without a process group.
+
+    `config` is the job TOML (default: the checkpoint's own config.toml, else the run folder's). A
+    model.vocab_size of 0 is taken from the stored embedding. Returns (args, state_dict, extra) where extra
+    holds the tokenizer spec for the export config.
+    """
+    ckpt = Path(ckpt)
+    entries = _dcp_model_entries(ckpt)
+    cfg_path = Path(config) if config is not None else _find_run_config(ckpt)
+    cfg = load_config(cfg_path)
+    args = cfg.model
+    if args.vocab_size == 0 and "tok_embeddings.weight" in entries:
+        args = dataclasses.replace(args, vocab_size=entries["tok_embeddings.weight"].size[0])
+    found = {k: tuple(v.size) for k, v in entries.items()}
+    check_shapes(expected_state_shapes(args), found, f"checkpoint {ckpt}")
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
+    bar = tqdm(
+        total=sum(t.numel() * t.element_size() for t in state.values()),
+        unit="B",
+        unit_scale=True,
+        desc=f"read {ckpt.name}",
+        disable=not progress,
+    )
+    for chunk in _chunks(state, _READ_BYTES):
+        try:
+            with without_process_group():
+                dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner())
+        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            raise ValueError(f"cannot read checkpoint {ckpt} (truncated or corrupt?): {last}") from None
+        bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
+    bar.close()
+    return args, state, {"tokenizer": cfg.data.tokenizer}
+
+
+def _chunks(state: dict[str, torch.Tensor], max_bytes: int) -> Iterable[dict[str, torch.Tensor]]:
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    for k, t in state.items():
+        chunk[k] = t
+        size += t.numel() * t.element_size()
+        if size >= max_bytes:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk

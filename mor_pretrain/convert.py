@@ -18,12 +18,8 @@ Routers are always freshly initialized.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import importlib.util
 import json
-import warnings
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,131 +27,19 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
 from mor_pretrain.checkpoint import (
-    COMPLETE,
-    SafeLoadPlanner,
-    check_dcp_metadata,
+    check_shapes,
+    expected_state_shapes,
+    load_dcp_model,
     mark_complete,
-    verify_checkpoint,
+    without_process_group,
 )
-from mor_pretrain.config import load_config
 from mor_pretrain.export import load_exported, save_exported, save_tokenizer
 from mor_pretrain.models import ModelArgs, MoRModel
 
 UPCYCLE_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
-_CHUNK_BYTES = 256 * 2**20  # tensors read per DCP call: bounds memory spikes and drives the progress bar
-
-
-@contextlib.contextmanager
-def _single_process() -> Iterator[None]:
-    """Silence DCP's warning about running without a process group: that is the point here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def expected_state_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of MoRModel(args).state_dict(), built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = MoRModel(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DCP <-> export
-
-
-def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
-    """The tensors under the top-level "model" key of a complete DCP checkpoint, by model state-dict name."""
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
-    if not (ckpt / ".metadata").is_file():
-        raise ValueError(f"{ckpt} is not a DCP checkpoint: {ckpt / '.metadata'} is missing")
-    if not (ckpt / COMPLETE).is_file():
-        raise ValueError(f"{ckpt} is incomplete (no {COMPLETE} marker): its save never finished")
-    verify_checkpoint(ckpt)
-    check_dcp_metadata(ckpt)  # DCP unpickles it: admit only what DCP metadata is made of
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    entries = {
-        k[len("model.") :]: v
-        for k, v in meta.state_dict_metadata.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-    }
-    if not entries:
-        raise ValueError(f"{ckpt} holds no tensors under the top-level 'model' key")
-    return entries
-
-
-def _find_run_config(ckpt: Path) -> Path:
-    for cand in (ckpt / "config.toml", ckpt.parent.parent / "config.toml"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no config.toml in {ckpt} or its run folder {ckpt.parent.parent}; pass --config")
-
-
-def _check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: config {v}, found {found[k]}" for k, v in expected.items() if found.get(k, v) != v]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{what} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {wrong[:5]}"
-        )
-
-
-def load_dcp_model(
-    ckpt: str | Path, config: str | Path | None = None, progress: bool = True
-) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read the model weights of a complete DCP checkpoint into full CPU tensors, without a process group.
-
-    `config` is the job TOML (default: the checkpoint's own config.toml, else the run folder's). A
-    model.vocab_size of 0 is taken from the stored embedding. Returns (args, state_dict, extra) where extra
-    holds the tokenizer spec for the export config.
-    """
-    ckpt = Path(ckpt)
-    entries = _dcp_model_entries(ckpt)
-    cfg_path = Path(config) if config is not None else _find_run_config(ckpt)
-    cfg = load_config(cfg_path)
-    args = cfg.model
-    if args.vocab_size == 0 and "tok_embeddings.weight" in entries:
-        args = dataclasses.replace(args, vocab_size=entries["tok_embeddings.weight"].size[0])
-    found = {k: tuple(v.size) for k, v in entries.items()}
-    _check_shapes(expected_state_shapes(args), found, f"checkpoint {ckpt}")
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
-    bar = tqdm(
-        total=sum(t.numel() * t.element_size() for t in state.values()),
-        unit="B",
-        unit_scale=True,
-        desc=f"read {ckpt.name}",
-        disable=not progress,
-    )
-    for chunk in _chunks(state, _CHUNK_BYTES):
-        try:
-            with _single_process():
-                dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner())
-        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            raise ValueError(f"cannot read checkpoint {ckpt} (truncated or corrupt?): {last}") from None
-        bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
-    bar.close()
-    return args, state, {"tokenizer": cfg.data.tokenizer}
-
-
-def _chunks(state: dict[str, torch.Tensor], max_bytes: int) -> Iterable[dict[str, torch.Tensor]]:
-    chunk: dict[str, torch.Tensor] = {}
-    size = 0
-    for k, t in state.items():
-        chunk[k] = t
-        size += t.numel() * t.element_size()
-        if size >= max_bytes:
-            yield chunk
-            chunk, size = {}, 0
-    if chunk:
-        yield chunk
 
 
 def dcp_to_export(
@@ -180,22 +64,10 @@ def export_to_dcp(export: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite a checkpoint")
     model, _ = load_exported(export, dtype=torch.float32)
-    with _single_process():
+    with without_process_group():
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(out))
     mark_complete(out, step=0)
     return out
-
-
-def load_any(path: str | Path, progress: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
-    """(args, fp32 state dict, export config) from an export folder or a DCP checkpoint folder."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        model, meta = load_exported(p, dtype=torch.float32)
-        return model.args, model.state_dict(), meta
-    if (p / ".metadata").is_file():
-        args, state, extra = load_dcp_model(p, progress=progress)
-        return args, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, extra
-    raise FileNotFoundError(f"{p} is neither an export folder (model.safetensors) nor a DCP checkpoint (.metadata)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +272,7 @@ def load_gguf(
                 w = unpermute_qk(w, n_kv)
             state[f"stack.layers.{i}.{ours}.weight"] = w
     state["stack.depth_bias"] = torch.zeros(0)
-    _check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"GGUF {path}")
+    check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"GGUF {path}")
     return args, state, gguf_tokenizer(reader), gguf_specials(reader)
 
 

@@ -119,22 +119,11 @@ def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
 def load_for_eval(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[MoRModel, Tokenizer, str]:
-    """Model and tokenizer from an export folder, a DCP checkpoint folder, or a run folder (its export,
-    else its latest complete checkpoint). Returns (model in eval mode, tokenizer, resolved path)."""
-    from mor_pretrain.checkpoint import complete_steps, step_dir
-    from mor_pretrain.config import RunFolder
-    from mor_pretrain.convert import load_any
+    """Model and tokenizer from any model folder (export.open_model: an export, a DCP checkpoint, a run
+    folder, a transformers folder). Returns (model in eval mode, tokenizer, resolved path)."""
+    from mor_pretrain.export import open_model
 
-    p = Path(path)
-    run = RunFolder.at(p)
-    if (run.export / "model.safetensors").is_file():
-        p = run.export
-    elif run.checkpoints.is_dir():
-        steps = complete_steps(run.checkpoints)
-        if not steps:
-            raise FileNotFoundError(f"run folder {p} has no export and no complete checkpoint")
-        p = step_dir(run.checkpoints, steps[-1])
-    args, state, meta = load_any(p)
+    args, state, meta, p = open_model(path)
     model = MoRModel(args)
     model.to(device)
     model.init_weights()  # fills the RoPE buffer; every parameter is overwritten next

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mor_pretrain.config import _build
+from mor_pretrain.config import RunFolder, _build
 from mor_pretrain.models import ModelArgs, MoRModel
 
 FORMAT = "mor-pretrain/v1"
@@ -190,3 +190,60 @@ def load_exported(
     model.init_weights()  # fills non-persistent buffers (RoPE table)
     model.load_state_dict(state)
     return model.to(dtype), meta
+
+
+def open_model(
+    path: str | Path, progress: bool = True
+) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any], Path]:
+    """Any model folder as (args, fp32 state dict, its config, the folder read): an export (also what a GGUF
+    import writes), a DCP checkpoint, a run folder (its export, else its latest complete checkpoint), or a
+    transformers folder written by to-hf (Llama or MoR remote code). The config's "tokenizer" names the
+    tokenizer, relative to the folder read when that folder holds a config.json."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder not found: {p}")
+    if (p / ".metadata").is_file():
+        from mor_pretrain.checkpoint import load_dcp_model
+
+        args, state, extra = load_dcp_model(p, progress=progress)
+        return args, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, extra, p
+    config = p / "config.json"
+    run = RunFolder.at(p)
+    if run.config.is_file() and not config.is_file():
+        from mor_pretrain.checkpoint import complete_steps, step_dir
+
+        if (run.export / "config.json").is_file():
+            return open_model(run.export, progress)
+        steps = complete_steps(run.checkpoints)
+        if not steps:
+            raise FileNotFoundError(f"run folder {p} has no export and no complete checkpoint")
+        return open_model(step_dir(run.checkpoints, steps[-1]), progress)
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{p} is not a model folder: no config.json (export, transformers), .metadata (DCP checkpoint) "
+            "or config.toml (run folder)"
+        )
+    try:
+        meta = json.loads(config.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        model, meta = load_exported(p)
+        return model.args, model.state_dict(), meta, p
+    kind = meta.get("model_type") if isinstance(meta, dict) else None
+    if kind == "llama":
+        from mor_pretrain.convert import load_hf_llama
+
+        args, state = load_hf_llama(p)
+    elif kind == "mor" and isinstance(meta.get("mor"), dict):
+        from mor_pretrain.checkpoint import check_shapes, expected_state_shapes
+
+        args = _build(ModelArgs, meta["mor"], "mor.")
+        state = {}
+        for f in sorted(p.glob("*.safetensors")):
+            state.update({k.removeprefix("model."): v.float() for k, v in load_file(str(f)).items()})
+        check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"folder {p}")
+    else:
+        raise ValueError(f"{config}: neither an export ({FORMAT}) nor a transformers Llama or MoR folder")
+    tokenizer = next((name for name in ("tokenizer.model", "tokenizer.json") if (p / name).is_file()), "")
+    return args, state, {"tokenizer": tokenizer}, p

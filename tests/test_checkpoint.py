@@ -306,7 +306,7 @@ def test_pickle_payload_as_per_rank_state_is_refused(tmp_path, name):
 def test_hostile_or_garbled_dcp_metadata_is_refused_on_resume_and_conversion(tmp_path):
     import pickle
 
-    from mor_pretrain.convert import load_dcp_model
+    from mor_pretrain.checkpoint import load_dcp_model
 
     model, opt = make()
     ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", config_toml="")

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -9,18 +10,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_args, tiny_model
 
-from mor_pretrain.checkpoint import mark_complete
+from mor_pretrain.checkpoint import COMPLETE, load_dcp_model, mark_complete
 from mor_pretrain.config import JobConfig, RunFolder, TrainingConfig, dump_toml
-from mor_pretrain.convert import (
-    COMPLETE,
-    dcp_to_export,
-    export_to_dcp,
-    load_dcp_model,
-    load_hf_llama,
-    to_hf_llama,
-    unpermute_qk,
-    upcycle,
-)
+from mor_pretrain.convert import dcp_to_export, export_to_dcp, load_hf_llama, to_hf_llama, unpermute_qk, upcycle
 from mor_pretrain.distributed import barrier, host_group
 from mor_pretrain.export import load_exported
 from mor_pretrain.integrations.hf import save_hf
@@ -73,6 +65,29 @@ def test_evaluation_opens_a_run_folder_whose_checkpoints_live_elsewhere(tmp_path
     assert resolved == str(ckpt)
     x = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["none", "expert"])  # a Llama folder, and a MoR remote-code folder
+def test_one_function_opens_every_kind_of_model_folder(tmp_path, router):
+    """open_model reads a DCP checkpoint, a run folder, an export and a transformers folder to the same
+    weights; evaluation opens all of them through it."""
+    from mor_pretrain.evaluate import load_for_eval
+    from mor_pretrain.export import open_model
+
+    model = tiny_model(router=router, num_recursions=1 if router == "none" else 3).eval()
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    export = dcp_to_export(ckpt, tmp_path / "export", dtype=None, progress=False)
+    hf = save_hf(tmp_path / "hf", model.args, model.state_dict(), tokenizer="default", progress=False)
+    assert json.loads((hf / "config.json").read_text())["model_type"] == ("llama" if router == "none" else "mor")
+    x = torch.randint(0, 97, (2, 16))
+    want = model(x, routing="causal").logits
+    for folder, read in ((ckpt, ckpt), (tmp_path / "run", ckpt), (export, export), (hf, hf)):
+        args, state, meta, resolved = open_model(folder, progress=False)
+        assert resolved == read and meta["tokenizer"]
+        loaded, tok, _ = load_for_eval(folder)
+        torch.testing.assert_close(loaded(x, routing="causal").logits, want, rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        open_model(tmp_path)
 
 
 def test_vocab_size_zero_is_read_from_the_checkpoint(tmp_path):

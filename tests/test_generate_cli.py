@@ -99,7 +99,7 @@ def test_cli_errors_name_the_problem(export_dir, tmp_path, capsys):
     assert cli(export_dir) == 2
     assert "no prompt" in capsys.readouterr().err
     assert cli(tmp_path, "--prompt", "x") == 2
-    assert "neither an export folder" in capsys.readouterr().err
+    assert "is not a model folder" in capsys.readouterr().err
     assert cli(export_dir, "--prompt", "x", "--threshold", 1.5) == 2
     assert "threshold" in capsys.readouterr().err
     assert cli(export_dir, "--prompt", "the " * 80) == 2

@@ -14,9 +14,8 @@ import pytest
 import torch
 from test_train import ROOT, write_corpus
 
-from mor_pretrain.checkpoint import COMPLETE, complete_steps
+from mor_pretrain.checkpoint import COMPLETE, complete_steps, load_dcp_model
 from mor_pretrain.config import load_config
-from mor_pretrain.convert import load_dcp_model
 from mor_pretrain.export import load_exported
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -69,15 +69,15 @@ def stage(what: str) -> None:
     print(f"[{time.perf_counter() - _START:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-def _base(src: str) -> str | None:
+def _base(src: str | Path) -> str | None:
     """The folder a source's relative tokenizer spec is relative to (an export's own copy)."""
-    return src if (Path(src) / "config.json").is_file() else None
+    return str(src) if (Path(src) / "config.json").is_file() else None
 
 
 def run(args: argparse.Namespace) -> object:
     from mor_pretrain import convert
     from mor_pretrain.config import load_config
-    from mor_pretrain.export import DTYPES, save_exported
+    from mor_pretrain.export import DTYPES, open_model, save_exported
 
     if args.cmd == "to-export":
         return convert.dcp_to_export(args.src, args.out, args.config, DTYPES[args.dtype])
@@ -87,13 +87,13 @@ def run(args: argparse.Namespace) -> object:
         from mor_pretrain.integrations.hf import save_hf  # optional extra "hf"
 
         stage(f"reading {args.src}")
-        margs, state, meta = convert.load_any(args.src)
+        margs, state, meta, src = open_model(args.src)
         stage(f"writing {args.out}")
         dtype = args.dtype
         if dtype == "auto":  # the dtype the model was trained in, when its export says so
             dtype = "bf16" if meta.get("training", {}).get("dtype") == "bfloat16" else "fp32"
         tok = meta.get("tokenizer", "")
-        return save_hf(args.out, margs, state, DTYPES[dtype], tok, _base(args.src), about=meta)
+        return save_hf(args.out, margs, state, DTYPES[dtype], tok, _base(src), about=meta)
     if args.cmd == "from-hf":
         margs, state = convert.load_hf_llama(args.src)
         extra = {"tokenizer": args.tokenizer, "source": args.src}
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> object:
         path = args.gguf or convert.smollm2_gguf_path()
         return convert.gguf_to_export(path, args.out, DTYPES[args.dtype])
     stage(f"reading {args.src}")
-    src_args, state, meta = convert.load_any(args.src)
+    src_args, state, meta, src = open_model(args.src)
     target = load_config(args.config).model
     if target.vocab_size == 0:
         target = dataclasses.replace(target, vocab_size=src_args.vocab_size)
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> object:
     new = convert.upcycle(src_args, state, target, args.strategy, args.seed)
     stage(f"writing {args.out}")
     extra = {"tokenizer": meta.get("tokenizer", ""), "source": args.src, "upcycle": args.strategy}
-    return save_exported(args.out, target, new, dtype=DTYPES[args.dtype], extra=extra, tokenizer_base=_base(args.src))
+    return save_exported(args.out, target, new, dtype=DTYPES[args.dtype], extra=extra, tokenizer_base=_base(src))
 
 
 if __name__ == "__main__":

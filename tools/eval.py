@@ -4,8 +4,8 @@ python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] 
                      [--val-text FILE ...] [--seq-len 512] [--out results.json] [--markdown results.md]
                      [--log-samples samples.jsonl]
 
-CHECKPOINT: an export folder, a DCP checkpoint folder or a run folder (its export, else its latest complete
-checkpoint). Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
+CHECKPOINT: an export folder, a DCP checkpoint folder, a run folder (its export, else its latest complete
+checkpoint) or a to-hf transformers folder. Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
 Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval).
 By default the JSON goes to <run>/eval/<name>.json when CHECKPOINT lies in a run folder.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="export folder, DCP checkpoint folder or run folder")
+    p.add_argument("checkpoint", help="export, DCP checkpoint, run or to-hf folder")
     p.add_argument(
         "--tasks",
         default="all",

@@ -68,7 +68,7 @@ class StreamPrinter:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="export folder, DCP checkpoint folder or run folder")
+    p.add_argument("checkpoint", help="export, DCP checkpoint, run or to-hf folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--bos", action="store_true", help="start each prompt with the tokenizer's bos")

@@ -164,7 +164,7 @@ def plot_stats(trace: Trace, path: str | Path, position_bins: int = 16) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="export, DCP checkpoint or run folder")
+    p.add_argument("checkpoint", help="export, DCP checkpoint, run or to-hf folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="passage to route")
     src.add_argument("--text-file", help="file holding the passage")
