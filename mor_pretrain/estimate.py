@@ -237,7 +237,7 @@ def fake_world(world: int) -> Iterator[None]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("the dry run traces in a process of its own, without a process group")
+        raise RuntimeError("the dry run traces without a process group of its own; destroy it first")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         yield
@@ -372,6 +372,15 @@ def fitting_settings(cfg: JobConfig, world: int, est: Estimate) -> dict[str, Set
         if all(found.values()):
             break
     return found
+
+
+def estimate_apart(cfg: JobConfig, world: int) -> Estimate:
+    """estimate() in a fresh process, for a caller that has run a real process group before (a benchmark):
+    state that torch keeps from that group's meshes would leak into the trace."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(estimate, (cfg, world))
 
 
 @dataclass

@@ -290,7 +290,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
     assert f"torch {torch.__version__}" in section and today in section and "gpu_check.sh --cpu" in section
     for heading in ("Peak matmul", "Training", "Profile", "Generation", "Targets", "Tests"):
         assert f"### {heading}" in section, heading
-    assert section.count("| pass |") + section.count("| miss |") == 5
+    assert section.count("| pass |") + section.count("| miss |") == 6
     assert "failed" not in section and (out / "tests.txt").is_file()
     res = json.loads((out / "results.json").read_text())
     assert len(res["train"]) == 4 and len(res["train_1.7b"]) == 2 and not res["errors"] and not res["skipped"]

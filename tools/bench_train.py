@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from mor_pretrain import trainer
 from mor_pretrain.config import MFU, STEP_TIME, TOKENS_PER_S, TRAIN_LOSS, JobConfig, RunFolder, load_config
+from mor_pretrain.estimate import estimate_apart
 from mor_pretrain.flops import executed_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,8 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
         return {"label": label, "batch": batch, "oom": True}
     tags = last_scalars(cfg.run_dir)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    # The dry run's estimate of the same step (one rank), beside what the device measured.
+    estimated = estimate_apart(cfg, 1).memory.total / 2**30
     flops = executed_flops_per_token(cfg.model, s.seq_len)
     step_time = tags[STEP_TIME]
     mem = tags.get("mem/max_allocated_gib", tags.get("mem/max_rss_gib", float("nan")))
@@ -175,6 +178,7 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
         "achieved_tflops": flops * batch * s.seq_len / step_time / 1e12,
         "trainer_mfu": tags.get(MFU),
         "peak_mem_gib": mem,
+        "estimated_mem_gib": estimated,
         "loss": tags[TRAIN_LOSS],
         "oom": False,
     }
@@ -200,15 +204,16 @@ def table(rows: list[dict], peaks: dict[str, float]) -> list[str]:
     head = "| model | batch x seq | params | tokens/s | step time (s) | TFLOP/s | " + " | ".join(
         f"MFU vs {k}" for k in peaks
     )
-    out = [head + " | peak memory (GiB) |", "|" + "---|" * (7 + len(peaks))]
+    out = [head + " | peak memory (GiB) | dry-run estimate (GiB) |", "|" + "---|" * (8 + len(peaks))]
     for r in rows:
         if r["oom"]:
-            out.append(f"| {r['label']} | {r['batch']} x ... | out of memory |" + " |" * (4 + len(peaks)))
+            out.append(f"| {r['label']} | {r['batch']} x ... | out of memory |" + " |" * (5 + len(peaks)))
             continue
         mfu = " | ".join(f"{r['achieved_tflops'] / p:.1%}" for p in peaks.values())
         out.append(
             f"| {r['label']} | {r['batch']} x {r['seq_len']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} "
-            f"| {r['step_time_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.2f} |"
+            f"| {r['step_time_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.2f} "
+            f"| {r['estimated_mem_gib']:.2f} |"
         )
     return out
 

@@ -47,9 +47,10 @@ from mor_pretrain.parallel import build_mesh, dp_coordinates
 ROOT = bench_train.ROOT
 START, END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
 GEN_KINDS = ["vanilla", "mor4", "mor2", "mor3"]  # vanilla and MoR-4 first: the target needs both
-# Per kind of phase on one H100/H200 (compile included): the seconds it needs at least (it is skipped with
-# less left) and the most it may take (then it is killed and the next phase runs).
-COST_GPU = {"matmul": (10, 40), "train": (45, 90), "profile": (40, 75), "generate": (30, 70), "train_1.7b": (60, 120)}
+# Per kind of phase on one H100/H200 (compile included, and the dry run's trace of the step, about 10 s):
+# the seconds it needs at least (it is skipped with less left) and the most it may take (then it is killed
+# and the next phase runs).
+COST_GPU = {"matmul": (10, 40), "train": (55, 100), "profile": (40, 75), "generate": (30, 70), "train_1.7b": (70, 130)}
 COST_CPU = {"matmul": (1, 60), "train": (1, 120), "profile": (1, 120), "generate": (1, 120), "train_1.7b": (1, 120)}
 # Kernel-name classes for the profile, first match wins (lower-cased names; aten op names on the CPU).
 # Ambiguous by name: cub sort kernels serve both the routing's index sort and the embedding backward.
@@ -218,6 +219,9 @@ def target_rows(train: dict[str, dict], gen: dict[str, dict], measured: float | 
     add("MoR Nr=3 step time / (1.05 x FLOP ratio x vanilla's)", ratio, 1.0, "{:.2f}", False)
     mem = mor2["peak_mem_gib"] / van["peak_mem_gib"] if van and mor2 else None
     add("MoR Nr=2 peak memory / vanilla's (same batch)", mem, 0.75, "{:.2f}", False)
+    fitted = [r for r in train.values() if not r["oom"] and r.get("estimated_mem_gib")]
+    off = max((abs(r["estimated_mem_gib"] / r["peak_mem_gib"] - 1) for r in fitted), default=None)
+    add("dry-run memory estimate vs max_memory_allocated (worst run)", off, 0.10, "{:.1%}", False)
     key = "at_batch" if cpu else "at_max_batch"
     speed = None
     v, m = gen.get("vanilla", {}).get(key), gen.get("mor4", {}).get(key)
