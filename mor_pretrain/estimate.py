@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mor_pretrain.config import JobConfig
@@ -175,14 +176,20 @@ class _CensusMode(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._overloadpacket.__name__
         c = self.census
-        if func.namespace == "c10d":
-            group = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
-            size = group.size() if group is not None and hasattr(group, "size") else dist.get_world_size()
+        if func.namespace in ("c10d", "_c10d_functional") and name != "wait_tensor":
+            # FSDP calls c10d ops with the group boxed as an argument; DTensor (TP) calls functional
+            # collectives with the group's name last.
+            boxed = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+            if boxed is not None:
+                size = dist.ProcessGroup.unbox(boxed).size()
+            else:
+                size = _resolve_process_group(args[-1]).size()
             key = (name.rstrip("_"), int(size))
             c.collectives[key] += 1
-            # The gathered / reduced buffer: the larger of what goes in and what comes out.
-            c.collective_bytes[key] += max(_tensor_bytes(args[0]), _tensor_bytes(args[1]) if len(args) > 1 else 0)
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            # The gathered / reduced buffer: the largest tensor going in or coming out.
+            c.collective_bytes[key] += max([_tensor_bytes(a) for a in args] + [_tensor_bytes(out)])
+            return out
         if name in HOST_SYNC_OPS and not self.in_optimizer:
             c.host_syncs[name] += 1
         if name == "_local_scalar_dense":  # a fake tensor has no value: read it as finite, true, one

@@ -92,6 +92,17 @@ def test_collectives_and_flops_of_a_step():
     assert est.micro.matmul_flops > 0
 
 
+def test_tensor_parallel_collectives_are_counted_in_their_groups():
+    """FSDP x TP 2 x 2: TP's functional all-reduces in the TP group, FSDP's collectives in the data-parallel
+    group, each with its own size (which sets its link in the prediction)."""
+    est = estimate(config("debug_mor.toml", "--parallelism.tp=2", "--model.n_kv_heads=2"), 4)
+    assert est.mesh == (1, 2, 2)
+    calls = est.step.collectives
+    assert calls[("all_reduce", 2)] > 0 and est.step.collective_bytes[("all_reduce", 2)] > 0  # TP
+    assert calls[("_allgather_base", 2)] > 0 and calls[("_reduce_scatter_base", 2)] > 0  # FSDP over dp_shard
+    assert {n for (op, n) in calls if op != "allreduce"} == {2}  # only scalars (loss, norm) span all 4
+
+
 @pytest.mark.parametrize("name", ["debug_vanilla.toml", "debug_mor.toml"])
 def test_a_train_step_issues_no_host_sync(name):
     """Vanilla and expert top-k: nothing in forward, backward, clipping or the (fused, on GPU) update makes
