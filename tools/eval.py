@@ -5,7 +5,8 @@ python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] 
                      [--log-samples samples.jsonl]
 
 CHECKPOINT: an export folder, a DCP checkpoint folder, a run folder (its export, else its latest complete
-checkpoint) or a to-hf transformers folder. Expert-choice models are scored in both routing modes ("causal" and "topk"), labelled per result.
+checkpoint) or a to-hf transformers folder. Expert-choice models are scored in both routing modes ("causal"
+and "topk"), labelled per result.
 Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval).
 By default the JSON goes to <run>/eval/<name>.json when CHECKPOINT lies in a run folder.
 """
