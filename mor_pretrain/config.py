@@ -116,7 +116,10 @@ class ParallelismConfig:
     dp_replicate: int = 1  # replicas of the model (HSDP outer dimension)
     dp_shard: int = -1  # FSDP2 shard degree; -1 = whatever the world size leaves
     tp: int = 1  # tensor-parallel degree
-    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward
+    # FSDP2: free the gathered parameters after forward and gather them again for backward ("always"), keep
+    # them to backward ("never"), or "auto": keep them when the whole model's gathered copy is small
+    # (parallel.RESHARD_ABOVE_BYTES), trading that memory for an all-gather per unit and micro-batch.
+    reshard_after_forward: Literal["auto", "always", "never"] = "auto"
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # FSDP2 gradient reduction (compute: training.dtype)
     activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute policy
     compile: bool = False  # torch.compile each block (regional)

@@ -72,8 +72,21 @@ def parallelize(model: MoRModel, mesh: DeviceMesh, cfg: ParallelismConfig, compu
         apply_ac(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
-    apply_fsdp(model, mesh, compute_dtype, DTYPES[cfg.reduce_dtype], cfg.reshard_after_forward)
+    apply_fsdp(model, mesh, compute_dtype, DTYPES[cfg.reduce_dtype], reshards(model, cfg, compute_dtype))
     return model
+
+
+RESHARD_ABOVE_BYTES = 2 * 2**30  # gathered parameters (compute dtype) above which "auto" reshards
+
+
+def reshards(model: MoRModel, cfg: ParallelismConfig, compute_dtype: torch.dtype) -> bool:
+    """Whether FSDP frees gathered parameters after forward: the config's choice, or by model size. Kept
+    gathered, a unit's parameters cost their full size per rank from forward to backward; resharded, the
+    backward gathers them again."""
+    if cfg.reshard_after_forward != "auto":
+        return cfg.reshard_after_forward == "always"
+    gathered = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=compute_dtype).element_size()
+    return gathered > RESHARD_ABOVE_BYTES
 
 
 def unique_blocks(model: MoRModel) -> list[nn.Module]:

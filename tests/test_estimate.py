@@ -103,6 +103,27 @@ def test_tensor_parallel_collectives_are_counted_in_their_groups():
     assert {n for (op, n) in calls if op != "allreduce"} == {2}  # only scalars (loss, norm) span all 4
 
 
+def test_resharding_is_chosen_by_model_size():
+    """auto: a model whose gathered copy is small stays gathered from forward to backward (no second
+    all-gather per unit); a large one reshards. The trace shows the trade; explicit choices are kept."""
+    from mor_pretrain.models import MoRModel
+    from mor_pretrain.parallel import DTYPES, reshards
+
+    def choice(name, *overrides):
+        cfg = config(name, *overrides)
+        with torch.device("meta"):
+            return reshards(MoRModel(cfg.model), cfg.parallelism, DTYPES[cfg.training.dtype])
+
+    assert choice("vanilla_1.7b.toml") and not choice("mor_1.7b.toml") and not choice("vanilla_730m.toml")
+    assert not choice("vanilla_1.7b.toml", "--parallelism.reshard_after_forward=never")
+    assert choice("debug_mor.toml", "--parallelism.reshard_after_forward=always")
+    kept = estimate(config("debug_mor.toml"), 2)
+    resharded = estimate(config("debug_mor.toml", "--parallelism.reshard_after_forward=always"), 2)
+    gathers = ("_allgather_base", 2)
+    assert kept.step.collectives[gathers] < resharded.step.collectives[gathers]
+    assert kept.step.collective_bytes[gathers] < resharded.step.collective_bytes[gathers]
+
+
 @pytest.mark.parametrize("name", ["debug_vanilla.toml", "debug_mor.toml"])
 def test_a_train_step_issues_no_host_sync(name):
     """Vanilla and expert top-k: nothing in forward, backward, clipping or the (fused, on GPU) update makes
