@@ -239,7 +239,7 @@ def _count_collectives(wrap_shared_layer: bool) -> dict[int, tuple[int, int]]:
         setattr(dist, name, counting(name))
     counts = {}
     for nr in (2, 3, 4):
-        cfg = make_cfg("vanilla")
+        cfg = make_cfg("vanilla", reshard_after_forward="always")  # the backward gathers again: counted too
         cfg.model = tiny_args(vocab_size=96, num_recursions=nr, n_layers=2 + nr)
         mesh = build_mesh(cfg.parallelism, "cpu")
         if wrap_shared_layer:
