@@ -98,13 +98,13 @@ def applied_blocks(args: ModelArgs) -> list[str]:
 def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and config.json of an equivalent LlamaForCausalLM.
 
-    Any model without routing or KV sharing is a plain Llama once unrolled: shared layers are written once
-    per application (so a recursive model grows to its applied size).
+    Any model without routing, KV sharing or a recursion gate is a plain Llama once unrolled: shared layers
+    are written once per application (so a recursive model grows to its applied size).
     """
-    if args.router != "none" or (args.kv_mode == "share" and args.num_recursions > 1):
+    if not args.llama_equivalent:
         raise ValueError(
-            f"only models without routing or KV sharing have a Llama equivalent (router={args.router!r}, "
-            f"kv_mode={args.kv_mode!r})"
+            f"only models without routing, KV sharing or a recursion gate have a Llama equivalent "
+            f"(router={args.router!r}, kv_mode={args.kv_mode!r}, recursion_gate={args.recursion_gate})"
         )
     hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
     for i, prefix in enumerate(applied_blocks(args)):

@@ -321,8 +321,9 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 def routing_modes(model: MoRModel) -> list[str | None]:
-    """Modes to evaluate a model in: both for expert choice, one (labelled None) for everything else."""
-    return ["causal", "topk"] if model.args.router == "expert" else [None]
+    """Modes to evaluate a model in: both for top-k-trained expert choice, one (labelled None) for everything
+    else, whose routing is causal in both."""
+    return ["causal", "topk"] if model.args.topk_routing else [None]
 
 
 def _batches(lengths: Sequence[int], batch_size: int, same_length: bool) -> list[list[int]]:
@@ -355,7 +356,7 @@ def score_requests(
     n_conts = [len(cont) for _, cont in requests]
     if any(n < 1 or n >= len(s) for n, s in zip(n_conts, seqs, strict=True)):
         raise ValueError("every request needs a non-empty continuation and at least one context token")
-    same_length = model.args.router == "expert" and routing == "topk"
+    same_length = model.args.topk_routing and routing == "topk"
     out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     batches = _batches([len(s) for s in seqs], batch_size, same_length)
     for batch in tqdm(batches, desc=f"score ({routing or 'dense'})", disable=not progress, leave=False):

@@ -60,8 +60,11 @@ class DepthControl:
         if self.full_depth and self.max_depth:
             raise ValueError("full_depth and max_depth contradict each other; give one")
         if self.threshold is not None:
-            if a.router != "expert":
-                raise ValueError(f"threshold moves expert-choice routing; this model's router is {a.router!r}")
+            if not a.topk_routing:
+                raise ValueError(
+                    "threshold moves the fixed causal threshold of top-k-trained expert choice; this model's "
+                    f"router is {a.router!r}" + (" with learned thresholds" if a.router == "expert" else "")
+                )
             if not 0.0 < self.threshold < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
@@ -207,22 +210,11 @@ def _stack(
             for r in range(steps):
                 h = cached_block(blk, h, rope, mask, cache.steps[r].k[i], cache.steps[r].v[i], writes[r])
         return h, depth + steps * valid.long()
-    if a.router == "token":
-        _, _, choice, tc_gate = stack.token_depth(h)
-        target = torch.full_like(choice, nr) if ctl.full_depth else (choice + 1).clamp(max=steps)
+    target, gate = stack.causal_entry(h, ctl.full_depth)
     active = valid
     for step in range(steps):
-        gate: torch.Tensor | None = None
-        if a.router == "none":
-            sel = valid
-        elif a.router == "token":
-            sel, gate = valid & (target > step), tc_gate
-        else:
-            logits = stack.expert_logits(h, step)  # (batch, T)
-            gate = stack.expert_gate(logits)
-            sel = active
-            if not ctl.full_depth:
-                sel = active & stack.causal_continue(stack.decision_scores(h, step, logits), step, ctl.threshold)
+        go, gate = stack.causal_step(h, step, target, gate, ctl.threshold, ctl.full_depth)
+        sel = active & go
         share = a.kv_mode == "share" and step > 0
         group = cache.steps[0 if share else step]
         if not share:
@@ -237,7 +229,7 @@ def _stack(
         x = _pack(h, idx)
         rope_c = _pack(rope.transpose(1, 2), idx).transpose(1, 2)
         f = _run_group(layers, group, x, rope_c, _pack(qpos, idx), sel_c, write=not share)
-        upd = f if gate is None else x + _pack(gate, idx).to(x.dtype) * f
+        upd = stack.update(x, f, None if gate is None else _pack(gate, idx))
         x = torch.where(sel_c.unsqueeze(-1), upd, x)
         h = h.scatter(1, idx.unsqueeze(-1).expand_as(x), x)
         depth = depth + sel.long()

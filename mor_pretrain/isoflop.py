@@ -57,6 +57,7 @@ class RunPlan:
     save_steps: list[int] = field(default_factory=list)  # extra checkpoints other runs branch from
     config: str = ""  # written TOML, relative to the plan folder
     variant: str = ""  # model_variant
+    seed: int = 0  # training.seed
 
     @property
     def flops_paper(self) -> float:
@@ -68,19 +69,34 @@ class RunPlan:
 
 
 def model_family(args: ModelArgs) -> str:
-    """vanilla (no recursion), recursive (fixed depth) or mor (routed)."""
+    """vanilla (no recursion), recursive (fixed depth: no router, or expert choice that keeps every token)
+    or mor (routed)."""
     if args.num_recursions == 1:
         return "vanilla"
-    return "recursive" if args.router == "none" else "mor"
+    fixed = args.router == "none" or (args.router == "expert" and min(args.step_capacities) >= 1.0)
+    return "recursive" if fixed else "mor"
 
 
 def model_variant(args: ModelArgs) -> str:
-    """The family with what tells its members apart: vanilla, recursive Nr=2, MoR expert Nr=3 (KV share)."""
+    """The family with what tells its members apart: vanilla, recursive Nr=2, recursive Nr=2 (router gate),
+    MoR expert Nr=3 (KV share), MoR expert-threshold Nr=2 (alpha 1)."""
     family = model_family(args)
     if family == "vanilla":
         return family
-    kind = "recursive" if family == "recursive" else f"MoR {args.router}"
-    return f"{kind} Nr={args.num_recursions}" + (", KV share" if args.kv_mode == "share" else "")
+    if family == "recursive":
+        kind = "recursive"
+    else:
+        kind = f"MoR {args.router}" + ("-threshold" if args.router == "expert" and not args.topk_routing else "")
+    notes = []
+    if family == "recursive" and args.router != "none":
+        notes.append("router gate")
+    if args.recursion_gate:
+        notes.append(f"gate {args.recursion_gate:g}")
+    if args.router != "none" and args.router_alpha != ModelArgs.router_alpha:
+        notes.append(f"alpha {args.router_alpha:g}")
+    if args.kv_mode == "share":
+        notes.append("KV share")
+    return f"{kind} Nr={args.num_recursions}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def resolved_model_args(cfg: JobConfig) -> ModelArgs:
@@ -150,6 +166,7 @@ def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPl
             name=name,
             family=model_family(args),
             variant=model_variant(args),
+            seed=t.seed,
             source=source,
             budget=b,
             steps=steps,
@@ -182,9 +199,22 @@ def _branch(big: RunPlan, small: RunPlan) -> None:
         big.save_steps.sort()
 
 
-def plan_sweep(configs: list[tuple[str, JobConfig]], budgets: list[float]) -> list[RunPlan]:
-    """Plan every (source path, config) pair over the budgets; run names must come out unique."""
-    runs = [r for source, cfg in configs for r in plan_config(cfg, source, budgets)]
+def seeded(cfg: JobConfig, seed: int) -> JobConfig:
+    """The config with training.seed = seed, named <name>_s<seed>."""
+    out = copy.deepcopy(cfg)
+    out.name, out.training.seed = f"{cfg.name}_s{seed}", seed
+    return out
+
+
+def plan_sweep(
+    configs: list[tuple[str, JobConfig]], budgets: list[float], seeds: list[int] | None = None
+) -> list[RunPlan]:
+    """Plan every (source path, config) pair over the budgets, and over `seeds` when given (each seed's runs
+    named <name>_s<seed>_<budget>, its cooldowns branched from its own big run); names must be unique."""
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+    pairs = configs if seeds is None else [(src, seeded(cfg, s)) for s in seeds for src, cfg in configs]
+    runs = [r for source, cfg in pairs for r in plan_config(cfg, source, budgets)]
     seen: dict[str, str] = {}
     for r in runs:
         if r.name in seen:
@@ -199,6 +229,7 @@ def run_job_config(cfg: JobConfig, run: RunPlan, runs: list[RunPlan]) -> JobConf
     """The ready-to-run config of `run`: its name, steps, a schedule matching the plan, its checkpoints."""
     out = copy.deepcopy(cfg)
     out.name = run.name
+    out.training.seed = run.seed
     out.training.steps = run.steps
     out.optimizer.warmup_fraction = step_fraction(run.warmup_steps, run.steps)
     out.optimizer.decay_fraction = step_fraction(run.decay_steps, run.steps)
@@ -318,6 +349,11 @@ class RunResult:
     val_loss_topk: float | None  # val/loss_topk at that step
     val_step: int | None  # the step they were logged at
     train_loss: float | None
+    seed: int  # training.seed
+    # Mean recursion steps per token where routing decides per token: at the last validation (causal
+    # routing) and at the last logged training step (token choice, expert-threshold); None elsewhere.
+    val_mean_depth: float | None
+    train_mean_depth: float | None
     eval_acc: dict[str, float]  # routing ("topk", "causal", "-") -> few-shot average (suite_average)
     eval_tasks: int
     wall_s: float  # from the run's first to its last logged scalar (training and validation, this run only)
@@ -422,7 +458,11 @@ def read_run(run_dir: str | Path) -> RunResult:
         val_loss_topk=[topk.get(s) for s in vsteps],
     )
     last = max((max(s) for s in scalars.values() if s), default=0)
-    train = scalars.get(TRAIN_LOSS, {})
+
+    def last_of(tag: str) -> float | None:
+        series = scalars.get(tag, {})
+        return series[max(series)] if series else None
+
     averages, tasks = suite_average(read_eval(run.path))
     return RunResult(
         name=cfg.name,
@@ -437,7 +477,10 @@ def read_run(run_dir: str | Path) -> RunResult:
         val_loss_causal=curve.val_loss_causal[-1] if vsteps else None,
         val_loss_topk=curve.val_loss_topk[-1] if vsteps else None,
         val_step=vsteps[-1] if vsteps else None,
-        train_loss=train[max(train)] if train else None,
+        train_loss=last_of(TRAIN_LOSS),
+        seed=cfg.training.seed,
+        val_mean_depth=last_of("val/causal_mean_depth"),
+        train_mean_depth=last_of("routing/mean_depth"),
         eval_acc=averages,
         eval_tasks=tasks,
         wall_s=wall,
@@ -509,6 +552,42 @@ def budget_tables(results: list[RunResult]) -> str:
     return "\n".join(out).rstrip()
 
 
+def seed_tables(results: list[RunResult]) -> str:
+    """Per FLOP budget, one row per variant over its runs (seeds): n, the mean, sample standard deviation
+    and range of the final causal validation loss, and the mean depths; empty when no variant ran twice."""
+    groups = budget_groups(results)
+    if all(len({r.variant for r in g}) == len(g) for g in groups):
+        return ""
+    out = []
+    for group in groups:
+        out.append(f"### {group[-1].flops:.2g} FLOPs (paper convention)\n")
+        out.append(
+            "| variant | n | seeds | val NLL (causal) mean | sd | min | max | val NLL (top-k) mean "
+            "| mean depth at val | mean depth in training |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for variant in dict.fromkeys(r.variant for r in group):
+            runs = [r for r in group if r.variant == variant and r.val_loss_causal is not None]
+            if not runs:
+                continue
+            losses = [r.val_loss_causal for r in runs if r.val_loss_causal is not None]
+            topk = [r.val_loss_topk for r in runs if r.val_loss_topk is not None]
+            mean = sum(losses) / len(losses)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else None
+
+            def avg(xs: list[float | None]) -> str:
+                vals = [x for x in xs if x is not None]
+                return f"{sum(vals) / len(vals):.3f}" if vals else "-"
+
+            out.append(
+                f"| {variant} | {len(runs)} | {', '.join(str(r.seed) for r in runs)} | {mean:.4f} | {_num(sd)} | "
+                f"{min(losses):.4f} | {max(losses):.4f} | {_num(sum(topk) / len(topk) if topk else None)} | "
+                f"{avg([r.val_mean_depth for r in runs])} | {avg([r.train_mean_depth for r in runs])} |"
+            )
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def plot_results(results: list[RunResult], out_dir: str | Path) -> list[Path]:
     """val_loss_vs_flops.png and val_loss_vs_tokens.png: each run's causal validation curve (thin) and, per
     variant, a line through the runs' final points; dashed, the same through their top-k losses where these
@@ -558,6 +637,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None) -> tupl
     """Read the runs; with `out_dir`, also write results.md, results.json and the plots there."""
     results = [read_run(d) for d in run_dirs]
     table = f"## All runs\n\n{results_table(results)}\n\n## Per budget\n\n{budget_tables(results)}"
+    spread = seed_tables(results)
+    if spread:
+        table += f"\n\n## Per budget and variant, over seeds\n\n{spread}"
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

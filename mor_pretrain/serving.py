@@ -166,7 +166,7 @@ class DepthBatchEngine:
         # Per slot: the in-flight token's hidden state, its next step, that step's gate, its position.
         self.h = model.tok_embeddings.weight.new_zeros(slots, a.d_model)
         self.step = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.gate = torch.zeros(slots, 1, dtype=torch.float32, device=dev)
+        self.gate = torch.zeros(slots, 1, dtype=torch.float32, device=dev) if model.stack.gated else None
         self.target = torch.zeros(slots, dtype=torch.long, device=dev)  # token choice: chosen depth
         self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
         self.live = torch.zeros(slots, dtype=torch.bool, device=dev)
@@ -249,7 +249,7 @@ class DepthBatchEngine:
         for i, blk in enumerate(self.layers):
             x = _attend_rows(blk, x, rope, self.stack_kv.k[i], self.stack_kv.v[i], rows, slot, window, mask)
         f = x.squeeze(1)
-        upd = f if a.router == "none" else self.h + self.gate.to(f.dtype) * f
+        upd = self.model.stack.update(self.h, f, self.gate)
         self.h = torch.where(self.live[:, None], upd, self.h)
         self.stats["stack_passes"] += 1
         self.stats["stack_rows"] += int(self.live.sum())
@@ -266,17 +266,13 @@ class DepthBatchEngine:
 
     def _routes(self, h: torch.Tensor, step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The causal routing decision for `step` (sets that step's gate for expert choice)."""
-        a, stack, ctl = self.model.args, self.model.stack, self.ctl
-        go = step < (ctl.max_depth or a.num_recursions)
-        if a.router == "token":
-            return go & (self.target[rows] > step)
-        if a.router == "expert":
-            r = step.clamp(max=a.num_recursions - 1)
-            logits = stack.expert_logits(h, r)  # (n,)
-            self.gate[rows] = stack.expert_gate(logits)
-            if not ctl.full_depth:
-                go = go & stack.causal_continue(stack.decision_scores(h, r, logits), r, ctl.threshold)
-        return go
+        a, ctl = self.model.args, self.ctl
+        r = step.clamp(max=a.num_recursions - 1)
+        gate = None if self.gate is None else self.gate[rows]
+        go, gate = self.model.stack.causal_step(h, r, self.target[rows], gate, ctl.threshold, ctl.full_depth)
+        if gate is not None and self.gate is not None:
+            self.gate[rows] = gate
+        return go & (step < (ctl.max_depth or a.num_recursions))
 
     def _exit(self, rows: torch.Tensor) -> None:
         """Finish the exiting rows' tokens: last block, head, sampling; then start their next tokens."""
@@ -323,16 +319,18 @@ class DepthBatchEngine:
 
     def _enter(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Embed new tokens, run the first block, and route them into step 0 (or straight out)."""
-        a, stack = self.model.args, self.model.stack
+        stack = self.model.stack
         x = self.model.tok_embeddings(tokens).unsqueeze(1)
         if self.first_kv is not None and self.model.first is not None:
             x = self._unique_block(self.model.first, self.first_kv, x, rows)
         h = x[:, 0]
         self.h[rows] = h
         self.step[rows] = 0
-        if a.router == "token":
-            _, _, choice, self.gate[rows] = stack.token_depth(h)
-            self.target[rows] = torch.full_like(choice, a.num_recursions) if self.ctl.full_depth else choice + 1
+        target, gate = stack.causal_entry(h, self.ctl.full_depth)
+        if target is not None:
+            self.target[rows] = target
+        if gate is not None and self.gate is not None:
+            self.gate[rows] = gate
         go = self._continues(h, self.step[rows], rows)
         self.live[rows] = go
         self._exit(rows[~go])  # a token that skips every step goes straight to the head

@@ -132,7 +132,14 @@ class StepLosses:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     scored_tokens: torch.Tensor | None = None  # global count of labels != IGNORE
     rank_lm: torch.Tensor | None = None  # this rank's mean LM loss over its own scored tokens
-    tc_load: torch.Tensor | None = None  # token-choice tokens per depth, summed over micro-batches
+    # Router statistics that move state gradients do not train (ROUTER_SUMS), summed over micro-batches,
+    # then over ranks by train_step.
+    router: dict[str, torch.Tensor] = field(default_factory=dict)
+    thresholds: torch.Tensor | None = None  # expert-threshold routing: each step's threshold after the update
+
+
+# Token choice's load (tokens per chosen depth) and expert-threshold's summed per-sequence k-th scores.
+ROUTER_SUMS = ("tc_load", "threshold_sums")
 
 
 def configure_determinism(device: torch.device) -> None:
@@ -263,9 +270,10 @@ def accumulate(
     for k, v in aux.items():
         sums.aux[k] = sums.aux.get(k, 0) + v.detach() * share
     for k, v in stats.items():
-        if k == "tc_load":
-            sums.tc_load = v if sums.tc_load is None else sums.tc_load + v
-        sums.stats[k] = sums.stats.get(k, 0) + v.float() * (1 if v.ndim else share)
+        if k in ROUTER_SUMS:
+            sums.router[k] = sums.router[k] + v if k in sums.router else v
+        if k != "threshold_sums":  # a sum of scores, not a count: logged as the thresholds it moves
+            sums.stats[k] = sums.stats.get(k, 0) + v.float() * (1 if v.ndim else share)
 
 
 def train_step(
@@ -279,9 +287,9 @@ def train_step(
     """One optimizer step over this rank's micro-batches. Returns the losses, the pre-clip grad norm and
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
-    if losses.tc_load is not None:  # token choice: the global batch's load, for the bias and the FLOP count
-        # TP duplicates scale every count alike; both uses are scale-free
-        losses.tc_load = par.all_reduce(losses.tc_load)
+    # The global batch's router sums: token choice's load (for the bias and the FLOP count), expert-threshold's
+    # k-th scores (for the thresholds).
+    losses.router = {k: par.dp_sum(v.float()) for k, v in losses.router.items()}
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
     if skipped:
@@ -291,16 +299,10 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not skipped:
-        update_router_bias(model, losses.tc_load)
+        model.update_routing(losses.router, cfg.training.global_batch_size)
+    if model.stack.expert_threshold is not None:
+        losses.thresholds = model.stack.expert_threshold.clone()
     return losses, grad_norm, skipped
-
-
-def update_router_bias(model: MoRModel, load: torch.Tensor | None) -> None:
-    """Token choice, loss-free balancing: the same update on every rank from the load summed over all
-    ranks (the sign rule is scale-free, so TP duplicates in the sum do not matter)."""
-    if load is None or model.args.balancing != "loss_free":
-        return
-    model.update_router_bias(load)
 
 
 VAL_MODES = ("causal", "topk")
@@ -319,7 +321,7 @@ def validate(model: MoRModel, loader: Any, n_batches: int, par: Parallel) -> dic
     if n.item() == 0:
         raise DataError("validation: the val split gave no batch on some rank; check data.val_sources")
     expert = model.args.router == "expert"
-    modes = VAL_MODES if expert else VAL_MODES[:1]
+    modes = VAL_MODES if model.args.topk_routing else VAL_MODES[:1]
     totals = torch.zeros(len(modes), device=par.device)
     count = torch.zeros((), device=par.device)
     depths = torch.zeros(model.args.num_recursions + 1, device=par.device)  # scored tokens per causal depth
@@ -402,6 +404,7 @@ def log_step(
         "train/lm_loss_max_rank": losses.rank_lm,
         "window/data_s": ones * window.data_s,
         **{f"mem/{k}": ones * v for k, v in memory_stats(par.device).items()},
+        **({} if losses.thresholds is None else {f"routing/threshold/{i}": v for i, v in enumerate(losses.thresholds)}),
     }
     values = reduce_scalars(shares, maxed, replicas=par.tp, group=device_group(par.device))
     values.update(count_fractions({k: values.pop(k) for k in list(values) if k.startswith("count/")}))
@@ -526,8 +529,8 @@ def train(cfg: JobConfig) -> TrainState:
         state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
-        if losses.tc_load is not None:  # token choice: the depths this step routed, all ranks (one host sync)
-            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.tc_load.tolist())
+        if "tc_load" in losses.router:  # token choice: the depths this step routed, all ranks (one host sync)
+            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.router["tc_load"].tolist())
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:

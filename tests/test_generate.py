@@ -149,7 +149,7 @@ def test_depth_cap_and_full_depth_for_token_choice_and_recursion(kind):
 
 
 def test_depth_control_refuses_bad_settings():
-    with pytest.raises(ValueError, match="threshold moves expert-choice"):
+    with pytest.raises(ValueError, match="threshold moves the fixed causal threshold"):
         generate(model_for("token"), [[1]], ctl=DepthControl(threshold=0.3))
     with pytest.raises(ValueError, match="max_depth"):
         generate(model_for("expert"), [[1]], ctl=DepthControl(max_depth=4))

@@ -209,7 +209,7 @@ def test_token_choice_loss_free_bias_update_and_maxvio():
     load = out.stats["tc_load"]
     assert load.sum() == 64 and "balance" not in out.aux_losses
     assert out.stats["maxvio"] == pytest.approx((load.max() / load.mean() - 1).item())
-    model.update_router_bias(torch.tensor([10.0, 0.0, 2.0]))
+    model.update_routing({"tc_load": torch.tensor([10.0, 0.0, 2.0])}, 1)
     assert model.stack.depth_bias.tolist() == pytest.approx([-1e-3, 1e-3, 1e-3])
     assert "stack.depth_bias" in model.state_dict()
 

@@ -77,8 +77,7 @@ def reference(cfg: JobConfig) -> dict[str, list]:
         opt.step()
         sched.step()
         opt.zero_grad()
-        if "tc_load" in out.stats:
-            model.update_router_bias(out.stats["tc_load"])
+        model.update_routing(out.stats, GLOBAL_BATCH)
         out_log["loss"].append(out.loss.item())
         out_log["norm"].append(norm.item())
     return out_log

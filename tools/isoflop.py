@@ -40,7 +40,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     for path, cfg in configs.items():
         if cfg.training.val_interval == 0:
             print(f"warning: {path}: training.val_interval = 0, its runs log no validation loss", file=sys.stderr)
-    runs = plan_sweep(list(configs.items()), args.budget)
+    runs = plan_sweep(list(configs.items()), args.budget, args.seeds)
     if args.gpu is not None:  # the dry run traces one step per config at the sweep's GPU count
         from mor_pretrain.isoflop import gpu_hours, gpu_hours_table, step_seconds
 
@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("plan", help="turn FLOP budgets into runs")
     pp.add_argument("--budget", type=float, nargs="+", required=True, help="FLOP budgets (paper convention)")
     pp.add_argument("--configs", nargs="+", required=True, help="TOML configs, one model each")
+    pp.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="plan every config once per training seed (names get _s<seed>)",
+    )
     pp.add_argument("--global-batch-size", type=int, default=None, help="sequences per step; default: config's")
     pp.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: config's")
     pp.add_argument("--run-root", default=None, help="run_root of the written configs; default: config's")

@@ -45,8 +45,8 @@ _IMPORT = re.compile(r"^(\s*)from (mor_pretrain[\w.]*) import ", re.MULTILINE)
 
 
 def needs_remote_code(args: ModelArgs) -> bool:
-    """True for models that have no Llama equivalent (routing or KV sharing)."""
-    return args.router != "none" or (args.kv_mode == "share" and args.num_recursions > 1)
+    """True for models that have no Llama equivalent (routing, KV sharing or a recursion gate)."""
+    return not args.llama_equivalent
 
 
 def remote_source(module: str) -> str:
@@ -155,7 +155,8 @@ def model_card(args: ModelArgs, config: dict[str, Any], params: int, about: dict
     kind = "vanilla" if args.num_recursions == 1 else f"recursive, Nr={args.num_recursions}, {args.sharing} sharing"
     if args.router != "none":
         caps = ", ".join(f"{c:.3g}" for c in args.step_capacities)
-        kind = f"Mixture-of-Recursions: {args.router}-choice routing, Nr={args.num_recursions}, capacities {caps}"
+        rule = " (expert-threshold, causal)" if args.router == "expert" and not args.topk_routing else ""
+        kind = f"Mixture-of-Recursions: {args.router}-choice routing{rule}, Nr={args.num_recursions}, capacities {caps}"
     lines = [
         "---",
         "library_name: transformers",

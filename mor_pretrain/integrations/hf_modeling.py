@@ -113,7 +113,7 @@ class MoRForCausalLM(PreTrainedModel, GenerationMixin):
         m = self.model
         valid = None if attention_mask is None else attention_mask[:, -input_ids.shape[1] :].bool()
         padded = valid is not None and not bool(valid.all())
-        expert_topk = m.args.router == "expert" and self.config.routing == "topk"
+        expert_topk = m.args.topk_routing and self.config.routing == "topk"
         if cache is None and not use_cache and not padded:
             logits = m(input_ids, routing=self.config.routing).logits
             assert logits is not None

@@ -10,7 +10,8 @@ Routing modes of `forward(..., routing=...)`:
 - "topk": expert choice as trained in the paper: each step keeps its top-k tokens per sequence (static k).
   Top-k looks at the whole sequence, so this mode is NOT causal.
 - "causal": expert choice decided per token: continue at step r iff score >= threshold and the token
-  continued at step r-1. Used for evaluation and generation. Token-choice models route the same in both.
+  continued at step r-1. Used for evaluation and generation. Token-choice models route the same in both,
+  and so do expert-threshold models (`expert_rule = "threshold"`), whose thresholds are learned per step.
 Every mode runs each recursion step on the compacted tokens it routes (RecursionStack._routed).
 """
 
@@ -56,6 +57,16 @@ class ModelArgs:
     aux_router: bool = False  # expert choice: a second router on detached states, used for causal mode
     aux_router_coef: float = 1e-3  # its BCE; a side loss: trains the aux router only, outside the compared loss
     causal_threshold: float = 0.5  # expert choice causal mode: continue iff sigmoid(logit) >= this
+    # Expert choice in training: "topk" keeps each step's top-k per sequence (sees future tokens);
+    # "threshold" keeps the tokens whose score clears the step's learned threshold (Expert-Threshold
+    # routing), the same rule in training, evaluation and generation: causal by construction.
+    expert_rule: Literal["topk", "threshold"] = "topk"
+    # Expert-threshold: each step's threshold moves this far per optimizer step towards the global batch's
+    # mean per-sequence k-th largest score (a plain running mean over the first 1/rate updates).
+    threshold_rate: float = 0.1
+    # Fixed-depth recursive only: 0 = each recursion step is h <- f(h); c > 0 = MoR's update h + c * f(h)
+    # with a constant gate c (the gate ablation of docs/RESULTS.md).
+    recursion_gate: float = 0.0
     balancing: Literal["loss", "loss_free"] = "loss"  # token choice load balancing
     balance_loss_coef: float = 0.1  # token choice balancing loss coefficient
     bias_update_rate: float = 1e-3  # token choice loss-free bias step u
@@ -74,6 +85,17 @@ class ModelArgs:
         """Unique layers inside the recursion stack (the paper's `base`)."""
         inner = self.n_layers - 2 if self.middle else self.n_layers
         return inner // self.num_recursions
+
+    @property
+    def topk_routing(self) -> bool:
+        """Whether routing="topk" differs from "causal": expert choice trained with top-k."""
+        return self.router == "expert" and self.expert_rule == "topk"
+
+    @property
+    def llama_equivalent(self) -> bool:
+        """Whether the model is a plain Llama once its shared layers are unrolled."""
+        share = self.kv_mode == "share" and self.num_recursions > 1
+        return self.router == "none" and not share and self.recursion_gate == 0
 
     @property
     def step_capacities(self) -> list[float]:
@@ -146,6 +168,17 @@ class ModelArgs:
                 bad("capacities", f"each must be in (0, 1], got {self.capacities}")
             if any(b > a for a, b in zip(self.capacities, self.capacities[1:], strict=False)):
                 bad("capacities", f"must be non-increasing, got {self.capacities}")
+        if self.expert_rule != "topk" and self.router != "expert":
+            bad("expert_rule", f"only expert-choice routing has a rule, this model's router is {self.router!r}")
+        if self.expert_rule == "threshold" and self.aux_router:
+            bad("aux_router", "expert-threshold routing decides causally with its own router: no aux router")
+        if not 0.0 < self.threshold_rate <= 1.0:
+            bad("threshold_rate", f"must be in (0, 1], got {self.threshold_rate}")
+        if self.recursion_gate:
+            if self.router != "none" or nr < 2 or self.sharing not in ("cycle", "middle_cycle"):
+                bad("recursion_gate", "a constant gate is for fixed-depth recursion: router none, cycle sharing")
+            if not math.isfinite(self.recursion_gate) or self.recursion_gate < 0:
+                bad("recursion_gate", f"must be a finite number >= 0, got {self.recursion_gate}")
         if self.router == "expert" and self.router_activation != "sigmoid":
             bad("router_activation", "expert choice uses sigmoid scores")
         if not 0.0 < self.causal_threshold < 1.0:
@@ -255,11 +288,14 @@ class _ExpertLog:
     s_uns: list[torch.Tensor] = field(default_factory=list)
     dead: list[torch.Tensor] = field(default_factory=list)
     agree: list[torch.Tensor] = field(default_factory=list)
+    kth: list[torch.Tensor] = field(default_factory=list)  # expert-threshold: summed per-sequence k-th scores
 
 
-def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # A masked mean, not boolean indexing: indexing has a data-dependent shape and syncs the host.
-    return (x * keep).sum() / keep.sum()
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
+    """The mean of x where keep, `empty` where nothing is kept (an expert-threshold step nobody reached).
+    A masked mean, not boolean indexing: indexing has a data-dependent shape and syncs the host."""
+    n = keep.sum()
+    return torch.where(n > 0, (x * keep).sum() / n.clamp(min=1), empty)
 
 
 # h, aux losses, side losses, stats, depth
@@ -272,6 +308,8 @@ class RecursionStack(nn.Module):
     """The shared layers, their routers and the recursion loop: one module, applied Nr times."""
 
     depth_bias: torch.Tensor
+    expert_threshold: torch.Tensor | None
+    threshold_updates: torch.Tensor | None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -291,6 +329,11 @@ class RecursionStack(nn.Module):
             self.routers.append(Router(args.d_model, nr, args.router_arch))
         # Loss-free balancing bias: selection only, never trained; updated after each optimizer step.
         self.register_buffer("depth_bias", torch.zeros(nr if args.router == "token" else 0))
+        # Expert-threshold routing: each step's threshold and how many updates it has had. Registered only
+        # for that rule, so other models' checkpoints keep their keys.
+        learned = args.router == "expert" and args.expert_rule == "threshold"
+        self.register_buffer("expert_threshold", torch.full((nr,), 0.5) if learned else None)
+        self.register_buffer("threshold_updates", torch.zeros(()) if learned else None)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for layer in self.layers:
@@ -300,6 +343,9 @@ class RecursionStack(nn.Module):
             assert isinstance(r, Router)
             r.init_weights(std)
         self.depth_bias.zero_()
+        if self.expert_threshold is not None and self.threshold_updates is not None:
+            self.expert_threshold.fill_(0.5)
+            self.threshold_updates.zero_()
 
     def apply_once(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, kvs: list[KV] | None = None
@@ -311,7 +357,53 @@ class RecursionStack(nn.Module):
             out_kvs.append(kv)
         return x, out_kvs
 
+    @property
+    def gated(self) -> bool:
+        """Whether a recursion step's update has a gate (MoR's x + g * f): routed or recursion_gate > 0."""
+        return self.args.router != "none" or self.args.recursion_gate > 0
+
+    def update(self, x: torch.Tensor, f: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """A recursion step's new state from its input x and the shared layers' output f: MoR's x + g * f
+        with a gate, f without."""
+        return f if gate is None else x + gate.to(x.dtype) * f
+
     # The routing rules, written once: training (_routed), cached generation and the serving engine call them.
+    # Generation and the engine call only causal_entry and causal_step, which hide the router kind.
+
+    def causal_entry(
+        self, h: torch.Tensor, full_depth: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What a router decides as a token h (..., dim) enters the stack: token choice's target (steps to
+        run) and gate; (None, None) for the kinds that decide step by step. full_depth: run every step."""
+        if self.args.router != "token":
+            return None, None
+        _, _, choice, gate = self.token_depth(h)
+        return (torch.full_like(choice, self.args.num_recursions) if full_depth else choice + 1), gate
+
+    def causal_step(
+        self,
+        h: torch.Tensor,
+        step: int | torch.Tensor,
+        target: torch.Tensor | None,
+        gate: torch.Tensor | None,
+        threshold: float | None = None,
+        full_depth: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Whether each token h (..., dim) runs recursion step `step` (an int, or one step per token),
+        decided causally, and the gate of its update (None: no gate). target, gate: causal_entry's.
+        threshold replaces expert choice's fixed causal threshold; full_depth runs every step."""
+        a = self.args
+        if a.router == "token":
+            assert target is not None
+            return target > step, gate
+        if a.router == "expert":
+            logits = self.expert_logits(h, step)
+            go = torch.ones_like(logits, dtype=torch.bool)
+            if not full_depth:
+                go = self.causal_continue(self.decision_scores(h, step, logits), step, threshold)
+            return go, self.expert_gate(logits)
+        go = torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
+        return go, h.new_full((*h.shape[:-1], 1), a.recursion_gate) if a.recursion_gate else None
 
     def token_depth(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token choice from the one router on the stack input h (..., dim): (logits, scores, chosen depth
@@ -345,10 +437,14 @@ class RecursionStack(nn.Module):
         self, scores: torch.Tensor, step: int | torch.Tensor, threshold: float | None = None
     ) -> torch.Tensor:
         """Causal expert choice: a token continues into `step` when its decision score clears the threshold
-        (model.causal_threshold unless given), or when the step has capacity 1."""
+        (the step's learned one for expert-threshold routing, else model.causal_threshold, unless given), or
+        when the step has capacity 1."""
         a = self.args
         full = torch.tensor(a.step_capacities, device=scores.device)[step] >= 1.0
-        return (scores >= (a.causal_threshold if threshold is None else threshold)) | full
+        if threshold is not None:
+            return (scores >= threshold) | full
+        learned = self.expert_threshold
+        return (scores >= (a.causal_threshold if learned is None else learned[step])) | full
 
     def forward(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
         """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, side losses, stats, depth."""
@@ -366,9 +462,11 @@ class RecursionStack(nn.Module):
                     h, _ = layer(h, r)
             return h
         kvs0 = None
+        gate = h.new_full((1,), self.args.recursion_gate) if self.args.recursion_gate else None
         for step in range(nr):
             share = self.args.kv_mode == "share" and step > 0
-            h, kvs = self.apply_once(h, r, None, kvs0 if share else None)
+            f, kvs = self.apply_once(h, r, None, kvs0 if share else None)
+            h = self.update(h, f, gate)
             if step == 0:
                 kvs0 = kvs
         return h
@@ -421,8 +519,7 @@ class RecursionStack(nn.Module):
             f, kvs = self.apply_once(x, step_rope, mask, kvs0 if share else None)
             if step == 0:
                 kvs0, pos0, valid0 = kvs, pos, valid
-            g = gate if idx is None else _gather(gate, idx)
-            upd = x + g.to(x.dtype) * f
+            upd = self.update(x, f, gate if idx is None else _gather(gate, idx))
             if valid is not None:
                 upd = torch.where(valid.unsqueeze(-1), upd, x)
             h = upd if idx is None else h.scatter(1, idx.unsqueeze(-1).expand_as(upd), upd)
@@ -436,12 +533,14 @@ class RecursionStack(nn.Module):
             if log.aux_bce:
                 side["aux_router_bce"] = a.aux_router_coef * sum(log.aux_bce, h.new_zeros((), dtype=torch.float32))
             stats["sampling_acc"] = torch.stack(log.acc).mean()
-            stats["score_selected"] = torch.stack(log.s_sel).mean()
+            stats["score_selected"] = torch.stack(log.s_sel).nanmean()
             stats["score_unselected"] = torch.stack(log.s_uns).nanmean()
             stats["dead_token_ratio"] = torch.stack(log.dead[1:] or log.dead).mean()
         if log.agree:
             stats["topk_agreement"] = torch.stack(log.agree).mean()
-        if a.router == "token" or routing != "topk":  # top-k's depths are its capacities: nothing to report
+        if log.kth:  # summed over this batch's sequences; the trainer moves the thresholds with the global sum
+            stats["threshold_sums"] = torch.stack(log.kth)
+        if not a.topk_routing or routing != "topk":  # top-k's depths are its capacities: nothing to report
             stats.update(self._depth_stats(depth))
         return h, aux, side, stats, depth
 
@@ -472,16 +571,27 @@ class RecursionStack(nn.Module):
 
         "topk": the top k_r of the step's candidates (the tokens active so far) per sequence; logs the
         router BCE against that choice. "causal": continue iff the score clears the threshold (steps
-        with capacity 1 keep every active token); `n` is the previous step's length.
+        with capacity 1 keep every active token); `n` is the previous step's length. Expert-threshold
+        models route causally in both modes; in "topk" (training) they log the BCE against top-k and
+        the per-sequence k-th score that their thresholds follow.
         """
         a = self.args
         t = h.shape[1]
         k = a.tokens_per_step(t)[step]
+        full = a.step_capacities[step] >= 1.0
         logits = self.expert_logits(h, step)  # (batch, seq)
         scores = torch.sigmoid(logits)
         gate = self.expert_gate(logits)
+        if a.expert_rule == "threshold":
+            sel = active & self.causal_continue(scores, step)
+            if routing == "topk":
+                top_sel = self._top_k(logits, active, k)
+                self._log_router(log, logits, scores, active, top_sel, sel, decided=sel)
+                kth = scores.detach().masked_fill(~active, 0.0).topk(k, dim=1).values[:, -1]
+                log.kth.append(kth.sum() * (not full))
+            return sel, gate, n if full else bucket_size(int(sel.sum(1).max()), t)
         if routing == "causal":
-            if a.step_capacities[step] >= 1.0:
+            if full:
                 return active, gate, n
             score = self.decision_scores(h, step, logits)
             sel = active & self.causal_continue(score, step)
@@ -490,24 +600,43 @@ class RecursionStack(nn.Module):
                 topk_sel = torch.zeros_like(active).scatter(1, top, True) & active
                 log.agree.append(_masked_mean((sel == topk_sel).float(), active))
             return sel, gate, bucket_size(int(sel.sum(1).max()), t)
-        if k >= t:
-            sel = active
-        else:
-            top = logits.masked_fill(~active, float("-inf")).topk(k, dim=1, sorted=False).indices
-            sel = torch.zeros_like(active).scatter(1, top, True)
-        target = sel.float()
-        log.bce.append(_masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), active))
-        log.z.append(_masked_mean(logits.square(), active))
+        sel = self._top_k(logits, active, k)
+        self._log_router(log, logits, scores, active, sel, sel, decided=scores >= 0.5)
         if len(self.aux_routers):
             aux_logits = self.aux_routers[step](h.detach()).squeeze(-1)
-            bce = F.binary_cross_entropy_with_logits(aux_logits, target, reduction="none")
+            bce = F.binary_cross_entropy_with_logits(aux_logits, sel.float(), reduction="none")
             log.aux_bce.append(_masked_mean(bce, active))
-        with torch.no_grad():
-            log.acc.append(_masked_mean(((scores >= 0.5) == sel).float(), active))
-            log.s_sel.append(_masked_mean(scores, sel))
-            log.s_uns.append(_masked_mean(scores, active & ~sel))  # 0 / 0 = NaN when all candidates stay
-            log.dead.append(_masked_mean((scores < 1e-2).float(), active))
         return sel, gate, None if k >= t else k
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
+        """The k highest-scoring active tokens of each sequence (all active ones when there are no more)."""
+        if k >= logits.shape[1]:
+            return active
+        top = logits.masked_fill(~active, float("-inf")).topk(k, dim=1, sorted=False).indices
+        return torch.zeros_like(active).scatter(1, top, True) & active
+
+    @staticmethod
+    def _log_router(
+        log: _ExpertLog,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+        active: torch.Tensor,
+        target: torch.Tensor,
+        sel: torch.Tensor,
+        decided: torch.Tensor,
+    ) -> None:
+        """The router's BCE against the top-k `target` and z-loss over the active tokens, and statistics:
+        how often `decided` agrees with the target, the mean scores of the selected `sel` and the rest."""
+        bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+        log.bce.append(_masked_mean(bce, active))
+        log.z.append(_masked_mean(logits.square(), active))
+        with torch.no_grad():
+            log.acc.append(_masked_mean((decided == target).float(), active))
+            # NaN where no token is selected or none left out: the statistics' nanmean skips them.
+            log.s_sel.append(_masked_mean(scores, sel, empty=math.nan))
+            log.s_uns.append(_masked_mean(scores, active & ~sel, empty=math.nan))
+            log.dead.append(_masked_mean((scores < 1e-2).float(), active))
 
     def _depth_stats(self, depth: torch.Tensor) -> dict[str, torch.Tensor]:
         counts = F.one_hot(depth.flatten(), self.args.num_recursions + 1).sum(0)
@@ -519,6 +648,17 @@ class RecursionStack(nn.Module):
         with the load summed over the global batch, so every rank applies the same update."""
         if self.args.router == "token" and self.args.balancing == "loss_free":
             self.depth_bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
+
+    @torch.no_grad()
+    def update_thresholds(self, target: torch.Tensor) -> None:
+        """Expert-threshold routing: move each step's threshold towards `target` (Nr,), the global batch's
+        mean per-sequence k-th largest score, i.e. the threshold that would have passed each step's
+        capacity. Call after optimizer.step(); every rank applies the same update, on the device."""
+        if self.expert_threshold is None or self.threshold_updates is None:
+            return
+        self.threshold_updates += 1
+        rate = self.threshold_updates.reciprocal().clamp(min=self.args.threshold_rate)
+        self.expert_threshold += rate * (target.to(self.expert_threshold) - self.expert_threshold)
 
 
 class MoRModel(nn.Module):
@@ -596,8 +736,14 @@ class MoRModel(nn.Module):
             loss = lm_loss + sum([*aux.values(), *side.values()]) if aux or side else lm_loss
         return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, side, stats, depth)
 
-    def update_router_bias(self, load: torch.Tensor) -> None:
-        self.stack.update_depth_bias(load)
+    def update_routing(self, sums: dict[str, torch.Tensor], sequences: int) -> None:
+        """After an optimizer step, the router state that gradients do not train, from the global batch's
+        summed statistics over `sequences` sequences: token choice's loss-free bias from its load (tc_load),
+        expert-threshold's thresholds from the per-sequence k-th scores (threshold_sums)."""
+        if "tc_load" in sums:
+            self.stack.update_depth_bias(sums["tc_load"])
+        if "threshold_sums" in sums:
+            self.stack.update_thresholds(sums["threshold_sums"] / sequences)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Unique parameters (each shared tensor counted once)."""
