@@ -132,14 +132,9 @@ class StepLosses:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     scored_tokens: torch.Tensor | None = None  # global count of labels != IGNORE
     rank_lm: torch.Tensor | None = None  # this rank's mean LM loss over its own scored tokens
-    # Router statistics that move state gradients do not train (ROUTER_SUMS), summed over micro-batches,
-    # then over ranks by train_step.
+    # The model's router_sums, summed over micro-batches, then over ranks by train_step.
     router: dict[str, torch.Tensor] = field(default_factory=dict)
-    thresholds: torch.Tensor | None = None  # expert-threshold routing: each step's threshold after the update
-
-
-# Token choice's load (tokens per chosen depth) and expert-threshold's summed per-sequence k-th scores.
-ROUTER_SUMS = ("tc_load", "threshold_sums")
+    router_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's, after the update
 
 
 def configure_determinism(device: torch.device) -> None:
@@ -259,6 +254,8 @@ def forward_backward(
         # Side losses (the auxiliary router's BCE) are logged as routing stats, outside train/loss.
         stats = {**out.stats, **{k: v.detach() for k, v in out.side_losses.items()}}
         accumulate(out_sums, lm.detach() * tok_share, out.aux_losses, stats, seq_share)
+        for k, v in out.router_sums.items():
+            out_sums.router[k] = out_sums.router[k] + v if k in out_sums.router else v
     out_sums.rank_lm = out_sums.lm * scored / local.clamp(min=1)
     return out_sums
 
@@ -270,10 +267,7 @@ def accumulate(
     for k, v in aux.items():
         sums.aux[k] = sums.aux.get(k, 0) + v.detach() * share
     for k, v in stats.items():
-        if k in ROUTER_SUMS:
-            sums.router[k] = sums.router[k] + v if k in sums.router else v
-        if k != "threshold_sums":  # a sum of scores, not a count: logged as the thresholds it moves
-            sums.stats[k] = sums.stats.get(k, 0) + v.float() * (1 if v.ndim else share)
+        sums.stats[k] = sums.stats.get(k, 0) + v.float() * (1 if v.ndim else share)
 
 
 def train_step(
@@ -300,8 +294,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if not skipped:
         model.update_routing(losses.router, cfg.training.global_batch_size)
-    if model.stack.expert_threshold is not None:
-        losses.thresholds = model.stack.expert_threshold.clone()
+    losses.router_state = {k: v.clone() for k, v in model.stack.router_state().items()}
     return losses, grad_norm, skipped
 
 
@@ -404,7 +397,7 @@ def log_step(
         "train/lm_loss_max_rank": losses.rank_lm,
         "window/data_s": ones * window.data_s,
         **{f"mem/{k}": ones * v for k, v in memory_stats(par.device).items()},
-        **({} if losses.thresholds is None else {f"routing/threshold/{i}": v for i, v in enumerate(losses.thresholds)}),
+        **{f"routing/{k}/{i}": x for k, v in losses.router_state.items() for i, x in enumerate(v)},
     }
     values = reduce_scalars(shares, maxed, replicas=par.tp, group=device_group(par.device))
     values.update(count_fractions({k: values.pop(k) for k in list(values) if k.startswith("count/")}))

@@ -35,6 +35,27 @@ def tiny_model(seed: int = 0, **kw) -> MoRModel:
     return model
 
 
+def spread_thresholds(model: MoRModel, tokens: torch.Tensor) -> None:
+    """Set an expert-threshold model's learned thresholds to each step's median score among the tokens that
+    reach it, so its routing sends `tokens` to every depth (a fresh model's scores sit close together)."""
+    stack, seen = model.stack, {}
+    assert stack.expert_threshold is not None
+    original = stack.expert_logits
+
+    def spy(h, step, aux=False):
+        seen[step] = original(h, step, aux).detach()
+        return seen[step]
+
+    stack.expert_logits = spy
+    try:
+        for r in range(1, model.args.num_recursions):
+            with torch.no_grad():
+                depth = model(tokens, routing="causal").depth
+            stack.expert_threshold[r] = torch.sigmoid(seen[r][depth >= r]).median()
+    finally:
+        del stack.expert_logits
+
+
 def train_bpe(texts: Iterable[str], prefix: Path, vocab_size: int, **options) -> Path:
     """Train a small SentencePiece BPE model on `texts` (about a second); returns the .model path."""
     spm.SentencePieceTrainer.train(

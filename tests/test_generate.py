@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import spread_thresholds, tiny_model
 
 from mor_pretrain.generate import (
     DepthControl,
@@ -30,6 +30,8 @@ KINDS = {
     "expert_low_first_capacity": dict(router="expert", capacities=[0.75, 0.5, 0.25]),
     "token": dict(router="token"),
     "token_softmax_share": dict(router="token", router_activation="softmax", router_alpha=1.0, kv_mode="share"),
+    "expert_threshold": dict(router="expert", expert_rule="threshold"),
+    "recursive_gate": dict(router="none", recursion_gate=0.3),
 }
 
 
@@ -38,6 +40,8 @@ def model_for(kind: str, **kw):
     model = tiny_model(init_std=0.1, **{**KINDS[kind], **kw}).eval()
     if model.args.router == "token":
         model.stack.depth_bias.copy_(torch.tensor([0.0, 0.01, -0.01]))
+    if model.stack.expert_threshold is not None:  # learned thresholds, unlike model.causal_threshold
+        spread_thresholds(model, torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(5)))
     return model
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import spread_thresholds, tiny_model
 from test_generate import KINDS as GENERATE_KINDS
 
 from mor_pretrain.generate import (
@@ -30,7 +30,10 @@ def requests():
 
 
 def model_for(kind: str):
-    return tiny_model(init_std=0.1, **KINDS[kind]).eval()
+    model = tiny_model(init_std=0.1, **KINDS[kind]).eval()
+    if model.stack.expert_threshold is not None:  # learned thresholds, unlike model.causal_threshold
+        spread_thresholds(model, torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(5)))
+    return model
 
 
 def serve(engine, prompts):

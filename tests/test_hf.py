@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import tiny_model, train_bpe, train_byte_bpe
+from conftest import spread_thresholds, tiny_model, train_bpe, train_byte_bpe
 
 from mor_pretrain.evaluate import load_any_tokenizer
 from mor_pretrain.export import save_exported
@@ -29,6 +29,8 @@ KINDS = {
     "expert_share": dict(router="expert", kv_mode="share", capacities=[1.0, 0.5, 0.25]),
     "expert_aux": dict(router="expert", aux_router=True, init_std=0.2),
     "token": dict(router="token", balancing="loss_free"),
+    "expert_threshold": dict(router="expert", expert_rule="threshold"),
+    "recursive_gate": dict(num_recursions=3, sharing="middle_cycle", recursion_gate=0.2),
 }
 TEXT = "The router picks a depth for every token.\n\nKeys  and values: café, naïve, 3.50 — 日本 🙂 end "
 
@@ -47,6 +49,8 @@ def test_auto_model_logits_equal_ours(tmp_path, kind):
     model = tiny_model(**KINDS[kind]).eval()
     if kind == "token":
         model.stack.depth_bias.copy_(torch.tensor([0.3, -0.2, 0.1]))  # a trained loss-free bias travels too
+    if kind == "expert_threshold":
+        spread_thresholds(model, torch.randint(0, 97, (4, 24)))  # so do learned thresholds
     folder = to_hf(tmp_path, kind, model)
     cfg = json.loads((folder / "config.json").read_text())
     plain = kind in ("vanilla", "recursive")
@@ -60,7 +64,7 @@ def test_auto_model_logits_equal_ours(tmp_path, kind):
             torch.testing.assert_close(topk(x).logits, model(x, routing="topk").logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["expert", "expert_share", "token"])
+@pytest.mark.parametrize("kind", ["expert", "expert_share", "token", "expert_threshold"])
 def test_generate_uses_recursion_wise_caches_and_matches_ours(tmp_path, kind):
     model = tiny_model(init_std=0.2, **KINDS[kind]).eval()
     hf = load_auto(to_hf(tmp_path, kind, model))

@@ -12,10 +12,12 @@ from mor_pretrain.isoflop import (
     budget_groups,
     budget_tag,
     load_plan,
+    model_family,
     model_variant,
     plan_config,
     plan_sweep,
     read_run,
+    seed_tables,
     step_fraction,
     suite_average,
     write_plan,
@@ -301,7 +303,14 @@ def test_variants_tell_the_mor_configs_apart():
     assert variant("mor_360m", "--model.router=token", "--model.num_recursions=2", "--model.n_layers=30") == (
         "MoR token Nr=2"
     )
-    assert variant("mor_360m", "--model.kv_mode=share") == "MoR expert Nr=3, KV share"
+    assert variant("mor_360m", "--model.kv_mode=share") == "MoR expert Nr=3 (KV share)"
+    assert variant("mor_360m", "--model.expert_rule=threshold", "--model.router_alpha=1") == (
+        "MoR expert-threshold Nr=3 (alpha 1)"
+    )
+    # Expert choice that keeps every token routes nothing: the recursive family, with MoR's gate.
+    gate_only = cfg_of("mor_360m", "--model.capacities=[1.0, 1.0, 1.0]").model
+    assert model_variant(gate_only) == "recursive Nr=3 (router gate)" and model_family(gate_only) == "recursive"
+    assert variant("recursive_360m", "--model.recursion_gate=0.05") == "recursive Nr=3 (gate 0.05)"
 
 
 def test_suite_average_is_the_papers():
@@ -338,7 +347,17 @@ def test_study_configs_differ_only_in_the_model():
     schedule, three budgets 4x apart with the smaller two as cooldowns."""
     paths = sorted((ROOT / "train_configs/study").glob("*.toml"))
     cfgs = {p.stem: load_config(p, ["--model.vocab_size=8192"]) for p in paths}
-    assert sorted(cfgs) == ["mor_expert_nr2", "mor_expert_nr3", "mor_token_nr3", "recursive_nr2", "vanilla"]
+    assert sorted(cfgs) == [
+        "mor_expert_nr2",
+        "mor_expert_nr2_alpha1",
+        "mor_expert_nr3",
+        "mor_threshold_nr2",
+        "mor_token_nr3",
+        "recursive_nr2",
+        "recursive_nr2_gate",
+        "recursive_nr2_router_gate",
+        "vanilla",
+    ]
     base = cfgs["vanilla"]
     for cfg in cfgs.values():
         assert (cfg.training, cfg.optimizer, cfg.data) == (base.training, base.optimizer, base.data)
@@ -350,6 +369,10 @@ def test_study_configs_differ_only_in_the_model():
         "mor_expert_nr2": "MoR expert Nr=2",
         "mor_expert_nr3": "MoR expert Nr=3",
         "mor_token_nr3": "MoR token Nr=3",
+        "mor_expert_nr2_alpha1": "MoR expert Nr=2 (alpha 1)",
+        "mor_threshold_nr2": "MoR expert-threshold Nr=2",
+        "recursive_nr2_gate": "recursive Nr=2 (gate 0.05)",
+        "recursive_nr2_router_gate": "recursive Nr=2 (router gate)",
     }
     runs = {k: plan_config(c, k, [2.4e13, 1.2e13, 6e12]) for k, c in cfgs.items()}
     params = {k: r[0].non_embedding_params for k, r in runs.items()}
@@ -358,3 +381,37 @@ def test_study_configs_differ_only_in_the_model():
     for plan in runs.values():
         assert [r.branch_from for r in plan] == [None, plan[0].name, plan[0].name]  # trapezoid cooldowns
         assert all(r.flops_paper == pytest.approx(r.budget, rel=0.01) for r in plan)
+
+
+def test_seeded_plans_name_and_seed_every_run(tmp_path):
+    cfgs = [("v", cfg_of("vanilla_360m")), ("m", cfg_of("mor_360m"))]
+    runs = plan_sweep(cfgs, [16.5e18, 6e18], seeds=[0, 3])
+    names = [r.name for r in runs]
+    assert len(set(names)) == 8 and names[:2] == ["vanilla_360m_s0_1.65e19", "vanilla_360m_s0_6e18"]
+    assert [r.seed for r in runs] == [0, 0, 0, 0, 3, 3, 3, 3]
+    assert all(r.branch_from is None or f"_s{r.seed}_" in r.branch_from for r in runs)  # each seed's own trunk
+    write_plan(tmp_path, runs, dict(cfgs))
+    for r in load_plan(tmp_path):
+        assert load_config(tmp_path / r.config).training.seed == r.seed
+    assert [r.name for r in plan_sweep(cfgs[:1], [6e18])] == ["vanilla_360m_6e18"]  # no seeds: names unchanged
+    for bad in ([], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="seeds"):
+            plan_sweep(cfgs, [6e18], seeds=bad)
+
+
+def test_seed_table_gives_mean_spread_and_n_per_variant_and_budget(tmp_path):
+    runs = [
+        fake_run(tmp_path, "rec_s0", "debug_vanilla", {4: 6.0}, flops_per_step=1e12),
+        fake_run(tmp_path, "rec_s1", "debug_vanilla", {4: 6.2}, flops_per_step=1e12),
+        fake_run(tmp_path, "rec_s2", "debug_vanilla", {4: 6.4}, flops_per_step=1e12),
+        fake_run(tmp_path, "mor_s0", "debug_mor", {4: 5.0}, flops_per_step=1e12),
+        fake_run(tmp_path, "big", "debug_vanilla", {4: 4.0}, flops_per_step=4e12),
+    ]
+    results = [read_run(r) for r in runs]
+    table = seed_tables(results)
+    vanilla = [line for line in table.splitlines() if line.startswith("| vanilla | 3 ")]
+    assert len(vanilla) == 1 and "| 6.2000 | 0.2000 | 6.0000 | 6.4000 |" in vanilla[0]
+    assert any(line.startswith("| vanilla | 1 |") for line in table.splitlines())  # the other budget, alone
+    assert seed_tables([results[0], results[3]]) == ""  # no variant ran twice: no table
+    report, _ = write_report(runs, None)
+    assert "over seeds" in report

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_args, tiny_model
+from conftest import spread_thresholds, tiny_args, tiny_model
 
 from mor_pretrain.models import ModelArgs, MoRModel
 from mor_pretrain.models.reference import causal_key_mask
@@ -16,6 +16,8 @@ VARIANTS = {
     "token_softmax": dict(router="token", router_activation="softmax", router_alpha=1.0, z_loss_coef=1e-5),
     "token_sigmoid_lossfree": dict(router="token", balancing="loss_free"),
     "token_share": dict(router="token", kv_mode="share"),
+    "expert_threshold": dict(router="expert", expert_rule="threshold"),
+    "recursive_gate": dict(router="none", recursion_gate=0.3),
 }
 
 
@@ -85,6 +87,8 @@ CAUSAL = [
     ("expert_aux", "causal"),
     ("token_softmax", "topk"),
     ("token_share", "topk"),
+    ("expert_threshold", "topk"),  # learned thresholds: causal in training's mode too
+    ("recursive_gate", "topk"),
 ]
 
 
@@ -234,6 +238,11 @@ def test_ignore_index_excludes_padding_from_loss():
         (dict(router="expert", capacities=[1.0, 0.5]), "capacities"),
         (dict(router="expert", sharing="middle_sequence"), "sharing"),
         (dict(router="token", num_recursions=1, n_layers=4, sharing="cycle"), "router"),
+        (dict(expert_rule="threshold"), "expert_rule"),
+        (dict(router="expert", expert_rule="threshold", aux_router=True), "aux_router"),
+        (dict(router="expert", expert_rule="threshold", threshold_rate=0.0), "threshold_rate"),
+        (dict(router="expert", recursion_gate=0.1), "recursion_gate"),
+        (dict(recursion_gate=-0.1), "recursion_gate"),
     ],
 )
 def test_bad_model_args_name_the_key(kw, key):
@@ -309,3 +318,90 @@ def test_sliced_lm_loss_and_gradients_equal_the_whole_head(monkeypatch, kind):
     torch.testing.assert_close(sliced.lm_loss, whole.lm_loss, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _step_logits(model, monkeypatch) -> dict[int, torch.Tensor]:
+    """Record the router logits of every recursion step of the next forward."""
+    seen: dict[int, torch.Tensor] = {}
+    original = model.stack.expert_logits
+
+    def spy(h, step, aux=False):
+        out = original(h, step, aux)
+        seen[step] = out.detach()
+        return out
+
+    monkeypatch.setattr(model.stack, "expert_logits", spy)
+    return seen
+
+
+def test_expert_threshold_routes_by_its_thresholds_in_both_modes_and_sums_the_kth_scores(monkeypatch):
+    model = tiny_model(router="expert", expert_rule="threshold", init_std=0.1)
+    x = torch.randint(0, 97, (3, 30))
+    spread_thresholds(model, x)
+    model.stack.expert_threshold[0] = 0.99  # step 0 has capacity 1: ignored
+    tau = model.stack.expert_threshold.tolist()
+    seen = _step_logits(model, monkeypatch)
+    train = model(x, x)
+    scores = {r: torch.sigmoid(v) for r, v in seen.items()}
+    causal = model(x, routing="causal")
+    torch.testing.assert_close(train.logits, causal.logits, rtol=0, atol=0)
+    assert torch.equal(train.depth, causal.depth)
+    # Hierarchical thresholding by the buffer's values, not by model.causal_threshold or top-k.
+    expect = torch.ones_like(train.depth)
+    go = torch.ones_like(x, dtype=torch.bool)
+    for r in (1, 2):
+        go = go & (scores[r] >= tau[r])
+        expect += go.long()
+    assert torch.equal(train.depth, expect)
+    assert set(expect.unique().tolist()) == {1, 2, 3}
+    # The trainer's threshold target: per sequence, the k-th largest score among the step's candidates.
+    ks = model.args.tokens_per_step(30)
+    sums = train.router_sums["threshold_sums"]
+    assert sums[0] == 0
+    for r in (1, 2):
+        cand = train.depth >= r
+        kth = scores[r].masked_fill(~cand, 0.0).topk(ks[r], dim=1).values[:, -1]
+        torch.testing.assert_close(sums[r], kth.sum())
+    assert "router_bce" in train.aux_losses and causal.router_sums == {}
+
+
+def test_expert_threshold_update_is_a_running_mean_then_an_ema():
+    model = tiny_model(router="expert", expert_rule="threshold", threshold_rate=0.25)
+    stack = model.stack
+    model.update_routing({"threshold_sums": torch.tensor([0.0, 1.6, 0.8])}, 2)  # the first update replaces
+    assert stack.expert_threshold.tolist() == pytest.approx([0.0, 0.8, 0.4])
+    model.update_routing({"threshold_sums": torch.tensor([0.0, 0.4, 0.4])}, 1)  # then 1/2, 1/3, ... >= rate
+    assert stack.expert_threshold.tolist() == pytest.approx([0.0, 0.6, 0.4])
+    for _ in range(3):
+        model.update_routing({"threshold_sums": torch.tensor([0.0, 1.0, 0.0])}, 1)
+    assert stack.threshold_updates.item() == 5
+    # rates 1/3, then 0.25 twice: 0.6 -> 0.7333 -> 0.8 -> 0.85
+    assert stack.expert_threshold[1].item() == pytest.approx(0.85)
+    assert set(model.state_dict()) >= {"stack.expert_threshold", "stack.threshold_updates"}
+    assert "stack.expert_threshold" not in tiny_model(router="expert").state_dict()
+
+
+def test_expert_threshold_step_that_nobody_reaches_keeps_the_loss_finite():
+    model = tiny_model(router="expert", expert_rule="threshold")
+    model.stack.expert_threshold.copy_(torch.tensor([0.5, 1.01, 1.01]))
+    x = torch.randint(0, 97, (2, 16))
+    out = model(x, x)
+    out.loss.backward()
+    assert (out.depth == 1).all() and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert out.stats["score_selected"] < out.stats["score_unselected"]  # step 1 selected nobody: its sum is 0
+
+
+def test_recursion_gate_is_mors_update_with_a_constant_gate():
+    model = tiny_model(router="none", recursion_gate=0.3)
+    x = torch.randint(0, 97, (2, 12))
+    r = model.rope[:12][None, None]
+    h, _ = model.first(model.tok_embeddings(x), r)
+    for _ in range(model.args.num_recursions):
+        f, _ = model.stack.apply_once(h, r, None)
+        h = h + 0.3 * f
+    h, _ = model.last(h, r)
+    expect = torch.nn.functional.linear(model.norm(h), model.head_weight())
+    torch.testing.assert_close(model(x).logits, expect)
+    assert model.stack.gated and not tiny_model(router="none").stack.gated
+    assert not model.args.llama_equivalent

@@ -31,6 +31,7 @@ VARIANTS = {
     "vanilla": dict(num_recursions=1, n_layers=4, sharing="cycle"),
     "expert": dict(router="expert"),
     "token": dict(router="token", balancing="loss_free", bias_update_rate=0.05, z_loss_coef=1e-5),
+    "expert_threshold": dict(router="expert", expert_rule="threshold", threshold_rate=0.5),
 }
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -77,7 +78,9 @@ def reference(cfg: JobConfig) -> dict[str, list]:
         opt.step()
         sched.step()
         opt.zero_grad()
-        model.update_routing(out.stats, GLOBAL_BATCH)
+        model.update_routing(out.router_sums, GLOBAL_BATCH)
+        if model.stack.expert_threshold is not None:
+            out_log["thresholds"] = model.stack.expert_threshold.tolist()
         out_log["loss"].append(out.loss.item())
         out_log["norm"].append(norm.item())
     return out_log
@@ -121,6 +124,8 @@ def run_parallel(cfg: JobConfig) -> dict[str, list]:
         total = losses.lm + sum(losses.aux.values(), torch.zeros(()))
         log["loss"].append(par.dp_sum(total).item())
         log["norm"].append(norm.item())
+        if model.stack.expert_threshold is not None:
+            log["thresholds"] = model.stack.expert_threshold.tolist()
     return log
 
 
@@ -160,6 +165,9 @@ def test_fsdp_two_ranks_match_single_process(tmp_path, micro):
         for name, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][name], g, atol=2e-6, rtol=1e-4, msg=f"{variant}: {name}")
         assert results[1][variant]["loss"] == got["loss"]
+        if "thresholds" in ref:  # expert-threshold: every rank moves them by the global batch's k-th scores
+            assert got["thresholds"] == pytest.approx(ref["thresholds"], abs=1e-4), variant  # scores: fp32 noise
+            assert results[1][variant]["thresholds"] == got["thresholds"]
 
 
 def untied(cfg: JobConfig) -> JobConfig:
@@ -336,6 +344,7 @@ PER_RANK_TAGS = {
     "checkpoint/stall_s",
 }
 LOADER_DELAY_S = 0.05  # per train micro-batch
+LAYOUT_VARIANTS = ("expert", "token", "expert_threshold")
 LAYOUTS = {  # world size, micro-batch, parallelism: 4 sequences per step, split three ways
     "1 rank": (1, 2, {}),
     "dp2": (2, 1, {}),
@@ -347,7 +356,7 @@ def _train_layouts(out: Path, micro: int, par: dict) -> None:
     import mor_pretrain.trainer as trainer
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    for i, variant in enumerate(("expert", "token")):
+    for i, variant in enumerate(LAYOUT_VARIANTS):
         if i:  # train() leaves the process group at its end; join a fresh one for the next run
             dist.init_process_group(
                 GPU_LIKE_BACKEND, init_method=f"file://{out}/rendezvous-{variant}", rank=rank, world_size=world
@@ -390,19 +399,20 @@ def test_every_logged_scalar_is_the_same_on_any_layout(tmp_path):
         out.mkdir()
         init = f"file://{out}/rendezvous-{uuid.uuid4().hex}"
         spawn_workers(_spawned_train, world, world, init, out, micro, par)
-        logged[name] = {v: read_scalars(out / v / "tb") for v in ("expert", "token")}
+        logged[name] = {v: read_scalars(out / v / "tb") for v in LAYOUT_VARIANTS}
     ref = logged["1 rank"]
     for name, (world, micro, par) in LAYOUTS.items():
         for variant, tb in logged[name].items():
             check_per_rank_figures(tb, world, micro, world // par.get("tp", 1), variant)
-    for variant in ("expert", "token"):
+    for variant in LAYOUT_VARIANTS:
         tags = set(ref[variant])
-        depth_tags = {"routing/mean_depth", "routing/tokens_per_depth/1"} if variant == "token" else set()
-        depth_tags |= {"val/causal_mean_depth", "val/causal_depth/1"} if variant == "expert" else set()
+        expert = variant.startswith("expert")
+        per_token = variant != "expert"  # training routes token by token: its depths are logged
+        depth_tags = {"routing/mean_depth", "routing/tokens_per_depth/1"} if per_token else set()
+        depth_tags |= {"val/causal_mean_depth", "val/causal_depth/1"} if expert else set()
+        depth_tags |= {"routing/threshold/1"} if variant == "expert_threshold" else set()
         assert depth_tags | {"val/loss_causal", "train/grad_norm"} <= tags
-        assert ("routing/maxvio" in tags) == (variant == "token") and ("routing/sampling_acc" in tags) == (
-            variant == "expert"
-        )
+        assert ("routing/maxvio" in tags) == (variant == "token") and ("routing/sampling_acc" in tags) == expert
         for name, got in logged.items():
             assert set(got[variant]) == tags, (name, variant, set(got[variant]) ^ tags)
             for tag in sorted(tags - PER_RANK_TAGS):
@@ -429,7 +439,7 @@ def check_per_rank_figures(tb: dict, world: int, micro: int, dp: int, variant: s
         assert tb["perf/data_share"][step] == pytest.approx(tb["perf/data_time_s"][step] / step_s, rel=1e-5)
         assert tb["perf/tokens_per_s_per_device"][step] == pytest.approx(tb["perf/tokens_per_s"][step] / world)
         step_flops, done = tb["progress/flops_executed"][step] - done, tb["progress/flops_executed"][step]
-        if variant == "expert":  # static capacities; token choice counts the depths each step routed
+        if variant.startswith("expert"):  # capacities; token choice counts the depths each step routed
             assert step_flops == pytest.approx(fpt * GLOBAL_BATCH * SEQ, rel=1e-6)
         tflops = step_flops / (step_s * world) / 1e12
         assert tb["perf/tflops_per_device"][step] == pytest.approx(tflops, rel=1e-4)

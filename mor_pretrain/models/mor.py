@@ -229,6 +229,9 @@ class ModelOutput:
     # of a total compared across configs.
     side_losses: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # detached routing statistics, by name
+    # Detached sums over this batch's sequences that update_routing takes, summed over the global batch,
+    # after the optimizer step: token choice's load (tc_load), expert-threshold's k-th scores.
+    router_sums: dict[str, torch.Tensor]
     depth: torch.Tensor | None  # (batch, seq) recursion steps each token ran; None without routing
 
 
@@ -291,17 +294,15 @@ class _ExpertLog:
     kth: list[torch.Tensor] = field(default_factory=list)  # expert-threshold: summed per-sequence k-th scores
 
 
-def _masked_mean(x: torch.Tensor, keep: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
-    """The mean of x where keep, `empty` where nothing is kept (an expert-threshold step nobody reached).
-    A masked mean, not boolean indexing: indexing has a data-dependent shape and syncs the host."""
-    n = keep.sum()
-    return torch.where(n > 0, (x * keep).sum() / n.clamp(min=1), empty)
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """The sum of x where keep over `count` (default: how many are kept; 0 / 0 = NaN). A masked mean, not
+    boolean indexing: indexing has a data-dependent shape and syncs the host."""
+    return (x * keep).sum() / (keep.sum() if count is None else count)
 
 
-# h, aux losses, side losses, stats, depth
-StackOut = tuple[
-    torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None
-]
+Losses = dict[str, torch.Tensor]
+# h, aux losses, side losses, stats, router sums, depth
+StackOut = tuple[torch.Tensor, Losses, Losses, Losses, Losses, torch.Tensor | None]
 
 
 class RecursionStack(nn.Module):
@@ -361,6 +362,10 @@ class RecursionStack(nn.Module):
     def gated(self) -> bool:
         """Whether a recursion step's update has a gate (MoR's x + g * f): routed or recursion_gate > 0."""
         return self.args.router != "none" or self.args.recursion_gate > 0
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """Router state that update_routing moves, for logging: expert-threshold's per-step thresholds."""
+        return {} if self.expert_threshold is None else {"threshold": self.expert_threshold}
 
     def update(self, x: torch.Tensor, f: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """A recursion step's new state from its input x and the shared layers' output f: MoR's x + g * f
@@ -449,7 +454,7 @@ class RecursionStack(nn.Module):
     def forward(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
         """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, side losses, stats, depth."""
         if self.args.router == "none":
-            return self._dense(h, rope), {}, {}, {}, None
+            return self._dense(h, rope), {}, {}, {}, {}, None
         return self._routed(h, rope, routing)
 
     def _dense(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -484,10 +489,12 @@ class RecursionStack(nn.Module):
         b, t, _ = h.shape
         aux: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
         log = _ExpertLog()
         busiest: list[int] = []
         if a.router == "token":
             choice, tc_gate = self._token_choice(h, aux, stats)
+            sums["tc_load"] = stats["tc_load"]
             steps = torch.arange(a.num_recursions, device=h.device)
             busiest = (choice.unsqueeze(-1) >= steps).sum(1).amax(0).tolist()
         active = torch.ones(b, t, dtype=torch.bool, device=h.device)
@@ -533,16 +540,16 @@ class RecursionStack(nn.Module):
             if log.aux_bce:
                 side["aux_router_bce"] = a.aux_router_coef * sum(log.aux_bce, h.new_zeros((), dtype=torch.float32))
             stats["sampling_acc"] = torch.stack(log.acc).mean()
-            stats["score_selected"] = torch.stack(log.s_sel).nanmean()
+            stats["score_selected"] = torch.stack(log.s_sel).mean()
             stats["score_unselected"] = torch.stack(log.s_uns).nanmean()
             stats["dead_token_ratio"] = torch.stack(log.dead[1:] or log.dead).mean()
         if log.agree:
             stats["topk_agreement"] = torch.stack(log.agree).mean()
-        if log.kth:  # summed over this batch's sequences; the trainer moves the thresholds with the global sum
-            stats["threshold_sums"] = torch.stack(log.kth)
+        if log.kth:
+            sums["threshold_sums"] = torch.stack(log.kth)
         if not a.topk_routing or routing != "topk":  # top-k's depths are its capacities: nothing to report
             stats.update(self._depth_stats(depth))
-        return h, aux, side, stats, depth
+        return h, aux, side, stats, sums, depth
 
     def _token_choice(
         self, h: torch.Tensor, aux: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
@@ -576,8 +583,12 @@ class RecursionStack(nn.Module):
         the per-sequence k-th score that their thresholds follow.
         """
         a = self.args
-        t = h.shape[1]
-        k = a.tokens_per_step(t)[step]
+        b, t = h.shape[:2]
+        ks = [t, *a.tokens_per_step(t)]
+        k = ks[step + 1]
+        # The step's nominal candidates, selected and left out: the counts of top-k, by which the router's
+        # losses and statistics are averaged, so that they do not depend on how a batch is split.
+        counts = b * ks[step], b * k, b * (ks[step] - k)
         full = a.step_capacities[step] >= 1.0
         logits = self.expert_logits(h, step)  # (batch, seq)
         scores = torch.sigmoid(logits)
@@ -586,7 +597,7 @@ class RecursionStack(nn.Module):
             sel = active & self.causal_continue(scores, step)
             if routing == "topk":
                 top_sel = self._top_k(logits, active, k)
-                self._log_router(log, logits, scores, active, top_sel, sel, decided=sel)
+                self._log_router(log, logits, scores, active, top_sel, sel, sel, counts)
                 kth = scores.detach().masked_fill(~active, 0.0).topk(k, dim=1).values[:, -1]
                 log.kth.append(kth.sum() * (not full))
             return sel, gate, n if full else bucket_size(int(sel.sum(1).max()), t)
@@ -601,7 +612,7 @@ class RecursionStack(nn.Module):
                 log.agree.append(_masked_mean((sel == topk_sel).float(), active))
             return sel, gate, bucket_size(int(sel.sum(1).max()), t)
         sel = self._top_k(logits, active, k)
-        self._log_router(log, logits, scores, active, sel, sel, decided=scores >= 0.5)
+        self._log_router(log, logits, scores, active, sel, sel, scores >= 0.5, counts)
         if len(self.aux_routers):
             aux_logits = self.aux_routers[step](h.detach()).squeeze(-1)
             bce = F.binary_cross_entropy_with_logits(aux_logits, sel.float(), reduction="none")
@@ -625,18 +636,21 @@ class RecursionStack(nn.Module):
         target: torch.Tensor,
         sel: torch.Tensor,
         decided: torch.Tensor,
+        counts: tuple[int, int, int],
     ) -> None:
         """The router's BCE against the top-k `target` and z-loss over the active tokens, and statistics:
-        how often `decided` agrees with the target, the mean scores of the selected `sel` and the rest."""
+        how often `decided` agrees with the target, the mean scores of the selected `sel` and the rest.
+        Each is a sum over the nominal `counts` (candidates, selected, left out): exact means for top-k,
+        per nominal token for expert-threshold, whose realized counts vary by micro-batch."""
+        cand, n_sel, n_uns = counts
         bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
-        log.bce.append(_masked_mean(bce, active))
-        log.z.append(_masked_mean(logits.square(), active))
+        log.bce.append(_masked_mean(bce, active, cand))
+        log.z.append(_masked_mean(logits.square(), active, cand))
         with torch.no_grad():
-            log.acc.append(_masked_mean((decided == target).float(), active))
-            # NaN where no token is selected or none left out: the statistics' nanmean skips them.
-            log.s_sel.append(_masked_mean(scores, sel, empty=math.nan))
-            log.s_uns.append(_masked_mean(scores, active & ~sel, empty=math.nan))
-            log.dead.append(_masked_mean((scores < 1e-2).float(), active))
+            log.acc.append(_masked_mean((decided == target).float(), active, cand))
+            log.s_sel.append(_masked_mean(scores, sel, n_sel))
+            log.s_uns.append(_masked_mean(scores, active & ~sel, n_uns))  # 0 / 0 = NaN when all candidates stay
+            log.dead.append(_masked_mean((scores < 1e-2).float(), active, cand))
 
     def _depth_stats(self, depth: torch.Tensor) -> dict[str, torch.Tensor]:
         counts = F.one_hot(depth.flatten(), self.args.num_recursions + 1).sum(0)
@@ -720,7 +734,7 @@ class MoRModel(nn.Module):
         r = self.rope[:t][None, None]
         if self.first is not None:
             h, _ = self.first(h, r)
-        h, aux, side, stats, depth = self.stack(h, self.rope, routing)
+        h, aux, side, stats, sums, depth = self.stack(h, self.rope, routing)
         if self.last is not None:
             h, _ = self.last(h, r)
         h = self.norm(h)
@@ -734,11 +748,11 @@ class MoRModel(nn.Module):
             else:
                 lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
             loss = lm_loss + sum([*aux.values(), *side.values()]) if aux or side else lm_loss
-        return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, side, stats, depth)
+        return ModelOutput(loss, lm_loss, logits if return_logits else None, aux, side, stats, sums, depth)
 
     def update_routing(self, sums: dict[str, torch.Tensor], sequences: int) -> None:
         """After an optimizer step, the router state that gradients do not train, from the global batch's
-        summed statistics over `sequences` sequences: token choice's loss-free bias from its load (tc_load),
+        `router_sums` over `sequences` sequences: token choice's loss-free bias from its load (tc_load),
         expert-threshold's thresholds from the per-sequence k-th scores (threshold_sums)."""
         if "tc_load" in sums:
             self.stack.update_depth_bias(sums["tc_load"])
