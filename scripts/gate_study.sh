@@ -8,16 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/results/gate}
-PYTHON=${PYTHON:-python}
-export PYTHON OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-S=train_configs/study
-stage() { echo "== $(date +%H:%M:%S) $*"; }
-
-tokenizer=data/tokenizer/corpus8k.model
-if [[ ! -f $tokenizer ]]; then
-    stage "tokenizer: 8k SentencePiece BPE on the train split"
-    "$PYTHON" tools/train_tokenizer.py data/corpus/train --out "${tokenizer%.model}" --vocab-size 8192
-fi
+source scripts/study_setup.sh
 stage "plan"
 "$PYTHON" tools/isoflop.py plan --budget 6e12 --seeds 0 1 --run-root runs/gate --out sweeps/gate \
     --configs $S/recursive_nr2.toml $S/recursive_nr2_gate.toml $S/recursive_nr2_router_gate.toml \

@@ -7,18 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/results}
-PYTHON=${PYTHON:-python}
-export PYTHON OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EVAL_JOBS=${EVAL_JOBS:-2}
-S=train_configs/study
 BUDGETS=(2.4e13 1.2e13 6e12)
-stage() { echo "== $(date +%H:%M:%S) $*"; }
-
-tokenizer=data/tokenizer/corpus8k.model
-if [[ ! -f $tokenizer ]]; then
-    stage "tokenizer: 8k SentencePiece BPE on the train split"
-    "$PYTHON" tools/train_tokenizer.py data/corpus/train --out "${tokenizer%.model}" --vocab-size 8192
-fi
+source scripts/study_setup.sh
 stage "plan"
 "$PYTHON" tools/isoflop.py plan --budget "${BUDGETS[@]}" --run-root runs/study --out sweeps/study \
     --configs $S/vanilla.toml $S/recursive_nr2.toml $S/mor_expert_nr2.toml $S/mor_expert_nr3.toml
