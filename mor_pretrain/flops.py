@@ -8,7 +8,7 @@
   rounding.
 - `executed_flops` / `executed_flops_per_token`: useful model FLOPs for MFU. Forward + backward, real GQA
   shapes, every matmul with a weight on the rows each recursion step routes (top-k sizes for expert
-  choice; for token choice the depths the router actually chose, when given), attention over causal
+  choice; for token choice and expert-threshold the depths tokens actually ran, when given), attention over causal
   (query, key) pairs only, routers and LM head included, embedding free. Padding of compacted steps and
   activation-checkpoint recompute are not useful work and are not counted.
 """
@@ -69,21 +69,24 @@ class FlopCount:
         return self.linear + self.attention
 
 
-def routed_rows(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> list[float]:
-    """Mean tokens per sequence that run each recursion step. depth_load: token choice's reported load
-    (tokens whose chosen depth index is i, so that ran steps 0..i); without it, the balanced guess."""
+def routed_rows(args: ModelArgs, seq_len: int, depth_counts: Sequence[float] | None = None) -> list[float]:
+    """Mean tokens per sequence that run each recursion step. depth_counts: how many tokens ran d steps,
+    d = 0..Nr (the model's tokens_per_depth), for routers that decide per token (token choice,
+    expert-threshold); without it, top-k's sizes or the paper's capacities."""
     t, n = seq_len, args.num_recursions
+    if depth_counts is not None and args.router != "none":
+        total = sum(depth_counts)
+        if len(depth_counts) != n + 1 or total <= 0 or min(depth_counts) < 0:
+            raise ValueError(
+                f"depth_counts needs {n + 1} non-negative counts with a positive sum, got {list(depth_counts)}"
+            )
+        return [t * sum(depth_counts[r + 1 :]) / total for r in range(n)]
     if args.router == "expert":
         return [float(k) for k in args.tokens_per_step(t)]
-    if args.router == "token" and depth_load is not None:
-        total = sum(depth_load)
-        if len(depth_load) != n or total <= 0:
-            raise ValueError(f"depth_load needs {n} non-negative counts with a positive sum, got {depth_load}")
-        return [t * sum(depth_load[r:]) / total for r in range(n)]
     return [t * c for c in paper_capacities(args)]
 
 
-def executed_flops(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> FlopCount:
+def executed_flops(args: ModelArgs, seq_len: int, depth_counts: Sequence[float] | None = None) -> FlopCount:
     """Useful FLOPs per token of MoRModel.forward(routing="topk") + backward (docs/FLOPS.md)."""
     d, f, t = args.d_model, args.d_ffn, seq_len
     hd, h, kvh = args.head_dim, args.n_heads, args.n_kv_heads
@@ -94,7 +97,7 @@ def executed_flops(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | 
     if args.middle:
         linear += 2 * t * (per_row + kv_row)
         attn += 2 * pair * causal_pairs(t, t)
-    rows = routed_rows(args, t, depth_load)
+    rows = routed_rows(args, t, depth_counts)
     for r, n in enumerate(rows):
         share = args.kv_mode == "share" and r > 0
         linear += args.num_shared * n * (per_row + (0 if share else kv_row))
@@ -111,9 +114,9 @@ def executed_flops(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | 
     return FlopCount(linear=(3 * linear + aux) / t, attention=3 * attn / t)
 
 
-def executed_flops_per_token(args: ModelArgs, seq_len: int, depth_load: Sequence[float] | None = None) -> float:
+def executed_flops_per_token(args: ModelArgs, seq_len: int, depth_counts: Sequence[float] | None = None) -> float:
     """Useful FLOPs per token, forward + backward; see `executed_flops`."""
-    return executed_flops(args, seq_len, depth_load).total
+    return executed_flops(args, seq_len, depth_counts).total
 
 
 @dataclass

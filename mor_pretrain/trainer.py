@@ -522,8 +522,8 @@ def train(cfg: JobConfig) -> TrainState:
         state.skipped_steps += skipped
         state.tokens_seen += positions
         state.flops_paper += paper_per_pos * positions
-        if "tc_load" in losses.router:  # token choice: the depths this step routed, all ranks (one host sync)
-            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.router["tc_load"].tolist())
+        if "depth_counts" in losses.router:  # routed per token: the depths this step ran, all ranks (a host sync)
+            exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len, losses.router["depth_counts"].tolist())
         state.flops_executed += exec_per_pos * positions
         window.add(losses.scored_tokens, positions)
         if state.step % cfg.metrics.log_interval == 0 or state.step == t.steps:

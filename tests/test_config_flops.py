@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import spread_thresholds, tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,10 +52,10 @@ def test_executed_flops_count_the_real_work():
     assert executed_flops_per_token(share_long, 2048) > em
     # Token choice runs the depths its router picks: from the reported load, not a static guess.
     tok = load_config(ROOT / "train_configs/mor_360m.toml", ["--model.router=token"]).model
-    shallow, deep = executed_flops_per_token(tok, 2048, [8, 1, 1]), executed_flops_per_token(tok, 2048, [1, 1, 8])
+    shallow, deep = executed_flops_per_token(tok, 2048, [0, 8, 1, 1]), executed_flops_per_token(tok, 2048, [0, 1, 1, 8])
     assert shallow < executed_flops_per_token(tok, 2048) < deep < er
-    with pytest.raises(ValueError, match="depth_load"):
-        executed_flops_per_token(tok, 2048, [1, 1])
+    with pytest.raises(ValueError, match="depth_counts"):
+        executed_flops_per_token(tok, 2048, [1, 1, 1])
 
 
 def test_token_choice_paper_flops_assume_balanced_depths():
@@ -90,6 +90,7 @@ FLOP_MODELS = {
     "expert_aux_mlp": dict(router="expert", aux_router=True, router_arch="mlp"),
     "token": dict(router="token"),
     "token_share": dict(router="token", kv_mode="share", router_activation="softmax"),
+    "expert_threshold": dict(router="expert", expert_rule="threshold", init_std=0.1),
 }
 
 
@@ -100,14 +101,17 @@ def test_executed_flops_match_flop_counter(name):
     model = tiny_model(**FLOP_MODELS[name])
     a = model.args
     b, t = 3, 48
-    mm, bmm, out = _counted(model, torch.randint(0, 97, (b, t)))
+    x = torch.randint(0, 97, (b, t))
+    if model.stack.expert_threshold is not None:
+        spread_thresholds(model, x)
+    mm, bmm, out = _counted(model, x)
     # Rows each recursion step runs per sequence: static top-k; token choice pads to a bucket.
     rows = [t] * a.num_recursions if a.router != "expert" else a.tokens_per_step(t)
     load = None
-    if a.router == "token":
+    if a.router == "token" or model.stack.expert_threshold is not None:  # decided per token: bucketed rows
         busiest = [int((out.depth > r).sum(1).max()) for r in range(a.num_recursions)]
         rows = [t] + [bucket_size(n, t) for n in busiest[1:]]
-        load = [rows[i] - (rows[i + 1] if i + 1 < len(rows) else 0) for i in range(len(rows))]
+        load = [0] + [rows[i] - (rows[i + 1] if i + 1 < len(rows) else 0) for i in range(len(rows))]
     count = executed_flops(a, t, load)
     assert count.linear * b * t == mm
     pair = 3 * 4 * a.n_heads * a.head_dim  # QK^T and AV, forward + backward

@@ -362,7 +362,7 @@ def test_expert_threshold_routes_by_its_thresholds_in_both_modes_and_sums_the_kt
         cand = train.depth >= r
         kth = scores[r].masked_fill(~cand, 0.0).topk(ks[r], dim=1).values[:, -1]
         torch.testing.assert_close(sums[r], kth.sum())
-    assert "router_bce" in train.aux_losses and causal.router_sums == {}
+    assert "router_bce" in train.aux_losses and "threshold_sums" not in causal.router_sums
 
 
 def test_expert_threshold_update_is_a_running_mean_then_an_ema():

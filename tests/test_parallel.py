@@ -439,8 +439,13 @@ def check_per_rank_figures(tb: dict, world: int, micro: int, dp: int, variant: s
         assert tb["perf/data_share"][step] == pytest.approx(tb["perf/data_time_s"][step] / step_s, rel=1e-5)
         assert tb["perf/tokens_per_s_per_device"][step] == pytest.approx(tb["perf/tokens_per_s"][step] / world)
         step_flops, done = tb["progress/flops_executed"][step] - done, tb["progress/flops_executed"][step]
-        if variant.startswith("expert"):  # capacities; token choice counts the depths each step routed
+        if variant == "expert":  # top-k capacities; routers that decide per token charge the depths run
             assert step_flops == pytest.approx(fpt * GLOBAL_BATCH * SEQ, rel=1e-6)
+        else:
+            cfg = make_cfg(variant)
+            ran = [tb[f"routing/tokens_per_depth/{d}"][step] for d in range(cfg.model.num_recursions + 1)]
+            charged = executed_flops_per_token(cfg.model, SEQ, ran) * GLOBAL_BATCH * SEQ
+            assert step_flops == pytest.approx(charged, rel=1e-5)
         tflops = step_flops / (step_s * world) / 1e12
         assert tb["perf/tflops_per_device"][step] == pytest.approx(tflops, rel=1e-4)
         share = tb["mem/max_rss_gib"][step] * 2**30 / physical_memory()

@@ -229,8 +229,8 @@ class ModelOutput:
     # of a total compared across configs.
     side_losses: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # detached routing statistics, by name
-    # Detached sums over this batch's sequences that update_routing takes, summed over the global batch,
-    # after the optimizer step: token choice's load (tc_load), expert-threshold's k-th scores.
+    # Detached sums over this batch's sequences that the trainer sums over the global batch: token choice's
+    # load (tc_load) and expert-threshold's k-th scores for update_routing, the depths run for the FLOP count.
     router_sums: dict[str, torch.Tensor]
     depth: torch.Tensor | None  # (batch, seq) recursion steps each token ran; None without routing
 
@@ -549,6 +549,7 @@ class RecursionStack(nn.Module):
             sums["threshold_sums"] = torch.stack(log.kth)
         if not a.topk_routing or routing != "topk":  # top-k's depths are its capacities: nothing to report
             stats.update(self._depth_stats(depth))
+            sums["depth_counts"] = stats["tokens_per_depth"]  # what the trainer's FLOP counter charges
         return h, aux, side, stats, sums, depth
 
     def _token_choice(
