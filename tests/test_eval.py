@@ -17,6 +17,7 @@ from mor_pretrain.evaluate import (
     encode_pair,
     evaluate,
     load_task,
+    routing_modes,
     score_docs,
     score_requests,
     text_loss,
@@ -252,3 +253,14 @@ def test_acc_norm_divides_by_the_answer_without_its_joining_space():
     doc = Doc(pairs=[("Q:", " ab"), ("Q:", " abcdefgh")], label=1)
     acc, acc_norm, greedy = doc_metrics(doc, [(-2.0, False), (-6.5, True)])
     assert (acc, acc_norm, greedy) == (0.0, 1.0, 1.0)
+
+
+def test_expert_threshold_is_scored_once_with_its_causal_routing(tok, tmp_path):
+    model = model_for(tok, router="expert", expert_rule="threshold")
+    assert routing_modes(model) == [None]
+    (tmp_path / "val.txt").write_text(TEXT)
+    results = evaluate(
+        model, tok, ["val"], val_files=[tmp_path / "val.txt"], seq_len=32, progress=False, log=lambda s: None
+    )
+    assert {r["routing"] for r in results} == {None}  # one pass: its top-k mode is its causal mode
+    assert len([r for r in results if r["metric"] == "loss"]) == 1
