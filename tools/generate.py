@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_strings=args.stop,
         )
         ctl = DepthControl(max_depth=args.max_depth, full_depth=args.full_depth, threshold=args.threshold)
+        ctl.validate(model)  # before the prompt is echoed, so a refusal prints nothing else
         model.eval()
         stream = None
         if len(prompts) == 1 and not args.json and not args.engine:
