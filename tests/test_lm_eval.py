@@ -47,7 +47,9 @@ def test_loglikelihoods_equal_eval_and_a_plain_forward(folders, routing):
     got = lm.loglikelihood(instances("loglikelihood", REQUESTS), disable_tqdm=True)
     _, tok, _ = load_for_eval(export)
     pairs = [encode_pair(tok, *r) for r in REQUESTS]
-    assert got == score_requests(model, pairs, routing, batch_size=1, progress=False)  # tools/eval.py's numbers
+    # tools/eval.py's numbers, bit for bit at the same batch size (another batch size changes matmul shapes,
+    # and with them the last bits on some CPUs' kernels)
+    assert got == score_requests(model, pairs, routing, batch_size=2, progress=False)
     for (ctx, cont), (logp, _) in zip(pairs, got, strict=True):  # one unpadded sequence at a time
         x = torch.tensor([(ctx + cont)[:-1]])
         ref = model(x, routing=routing).logits[0, len(ctx) - 1 :].float().log_softmax(-1)
