@@ -281,8 +281,8 @@ def train_step(
     """One optimizer step over this rank's micro-batches. Returns the losses, the pre-clip grad norm and
     whether the update was skipped (nonfinite = "skip" checks the norm every step: one host sync)."""
     losses = forward_backward(model, micro_batches, par, cfg.training.global_batch_size)
-    # The global batch's router sums: token choice's load (for the bias and the FLOP count), expert-threshold's
-    # k-th scores (for the thresholds).
+    # The global batch's router sums: token choice's load (its bias), expert-threshold's k-th scores (its
+    # thresholds), the depths run (the FLOP count).
     losses.router = {k: par.dp_sum(v.float()) for k, v in losses.router.items()}
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], cfg.optimizer.grad_clip)
     skipped = cfg.training.nonfinite == "skip" and not torch.isfinite(grad_norm).item()
