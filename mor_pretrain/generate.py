@@ -222,10 +222,11 @@ def _stack(
             # away once full: they exit before this step.
             room = group.pos.shape[1] - group.length
             sel = sel & (sel.long().cumsum(1) <= room[:, None])
-        if not bool(sel.any()):
+        n = int(sel.sum(1).max())  # the busiest row's tokens: one host sync per step
+        if n == 0:
             break  # decisions are hierarchical: nobody goes deeper
         # Pack each row's selected tokens to the front, so a step costs its selected tokens only.
-        idx, sel_c = compact(sel, int(sel.sum(1).max()))  # (batch, n) selected first, in order
+        idx, sel_c = compact(sel, n)  # (batch, n) selected first, in order
         x = _pack(h, idx)
         rope_c = _pack(rope.transpose(1, 2), idx).transpose(1, 2)
         f = _run_group(layers, group, x, rope_c, _pack(qpos, idx), sel_c, write=not share)
@@ -376,7 +377,8 @@ def generate(
     if tokens.shape[1] >= max_len:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens leaves no room below max_seq_len={max_len}")
     stopper = _Stopper(cfg, max_len, decode)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Greedy decoding draws nothing: no generator (a CUDA one needs the driver, which a fake-tensor trace lacks).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature else None
     cache = new_cache(model, len(prompts), max_len)
     out = Generation([[] for _ in prompts], [[] for _ in prompts], ["length"] * len(prompts))
     h, depth = forward_cached(model, cache, tokens, valid, ctl)

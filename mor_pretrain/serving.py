@@ -153,7 +153,9 @@ class DepthBatchEngine:
         self.sampling.validate()
         self.ctl.validate(model)
         dev = model.tok_embeddings.weight.device
-        self.generator = torch.Generator(device=dev).manual_seed(self.sampling.seed)
+        # Greedy decoding draws nothing: no generator (a CUDA one needs the driver, which a fake-tensor trace lacks).
+        greedy = self.sampling.temperature == 0
+        self.generator = None if greedy else torch.Generator(device=dev).manual_seed(self.sampling.seed)
         self.layers = [blk for blk in model.stack.layers if isinstance(blk, Block)]
         fractions = step_cache_fractions or [1.0] * a.num_recursions
         if len(fractions) != a.num_recursions or not all(0.0 < f <= 1.0 for f in fractions):

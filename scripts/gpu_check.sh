@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command, under one wall-clock cap: the gpu-marked tests, then training, profile
-# and generation benchmarks (tools/gpu_check.py, each phase in its own process). Writes the report to OUTDIR
-# (gpu_check.md, results.json, tests.txt, phases/log.txt, the profile trace) and into its section of
-# docs/BENCHMARKS.md, after every phase: whatever ends the run, what was measured is on disk.
+# The whole GPU check in one command, under one wall-clock cap (default 450 s, inside one 8-minute slot of a
+# lent machine): the gpu-marked tests (one trainer launch), then the benchmarks of tools/gpu_check.py, each
+# phase in its own process, most wanted first. Every phase prints its figures in one line as it ends. OUTDIR
+# gets four files, rewritten after every phase (a lent machine hands back at most 8, with plain names):
+# results.json, gpu_check.md (also written into its section of docs/BENCHMARKS.md), log.txt (the one-line
+# results) and extra.tar.gz (the tests' log, each phase's JSON and output, the profile trace).
 #   bash scripts/gpu_check.sh OUTDIR                  # on a GPU machine
 #   bash scripts/gpu_check.sh --cpu OUTDIR            # a tiny shape on the CPU: keeps the script working
 #   bash scripts/gpu_check.sh [--cpu] [--doc FILE] OUTDIR   # write the section into FILE instead
-# A machine without network: run `bash scripts/fetch_wheels.sh` where there is one and bring wheels/ along;
-# modules that do not import here are then unpacked from wheels/ into build/gpu-deps (nothing else is
-# touched). PYTHON (default python3) picks the interpreter; BUDGET_S (default 480) the seconds for
-# everything, of which the tests get at most TESTS_S (default 150); WHEELS and GPU_DEPS move those folders.
+# Beforehand, on a CPU machine: `python tools/gpu_check.py --predict build/gpu_predictions.json` (the dry
+# run's predictions, compared with the measurements; nothing on the GPU machine runs the estimator) and,
+# for a machine without network, `bash scripts/fetch_wheels.sh`: modules that do not import there are
+# unpacked from wheels/ into build/gpu-deps (nothing else is touched). PYTHON (default python3) picks the
+# interpreter; BUDGET_S (default 450) the seconds for everything, of which the tests get at most TESTS_S
+# (default 120); PREDICTIONS (default build/gpu_predictions.json), WHEELS and GPU_DEPS move those files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-480}
-TESTS_S=${TESTS_S:-150}
+BUDGET_S=${BUDGET_S:-450}
+TESTS_S=${TESTS_S:-120}
 WHEELS=${WHEELS:-wheels}
+PREDICTIONS=${PREDICTIONS:-build/gpu_predictions.json}
 command="bash scripts/gpu_check.sh $*"
 cpu=()
 doc=docs/BENCHMARKS.md
@@ -31,7 +36,12 @@ while (($#)); do
 done
 [[ -n "$outdir" ]] || { echo "usage: $0 [--cpu] [--doc FILE] OUTDIR" >&2; exit 2; }
 mkdir -p "$outdir"
+rm -f "$outdir/log.txt" "$outdir/extra.tar.gz.part"
 start=$SECONDS
+# Scratch (corpus, run folders, what extra.tar.gz bundles) outside OUTDIR: only the four files come back.
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/extra"
 
 # Modules the project and its tests import -> the wheel providing each (see scripts/fetch_wheels.sh).
 deps=$(realpath -m "${GPU_DEPS:-build/gpu-deps}")
@@ -64,24 +74,33 @@ fi
 export PYTHONPATH="$PWD:$deps${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c "import torchdata.stateful_dataloader, safetensors, pytest" # fail here, not mid-run
 
-if ((${#cpu[@]})); then  # the CPU variants of the GPU tests' bodies (the script's own test excluded)
+if ((${#cpu[@]})); then  # the CPU variants of the GPU tests' bodies that launch nothing
     tests=(tests/test_gpu.py -m "not gpu" -k "generation")
-else
+else  # one trainer launch, shared by the training and resume tests
     tests=(tests/test_gpu.py -m gpu)
 fi
 left=$((BUDGET_S - (SECONDS - start)))
-cap=$((TESTS_S < left - 120 ? TESTS_S : left - 120))
+cap=$((TESTS_S < left - 200 ? TESTS_S : left - 200))
+cap=$((cap > 30 ? cap : 30))
+tests_start=$SECONDS
 set +e
-# The tests' cold compiles count against the budget too: they are stopped at their share of it.
-OMP_NUM_THREADS=1 timeout --kill-after=10 $((cap > 30 ? cap : 30)) \
-    "$PYTHON" -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$outdir/tests.txt"
-tests_rc=${PIPESTATUS[0]}
+# Stopped at their share of the budget; `timeout` signals pytest's whole process group (the launch too).
+OMP_NUM_THREADS=1 timeout --kill-after=10 "$cap" \
+    "$PYTHON" -m pytest -q -rfE -p no:cacheprovider "${tests[@]}" >"$work/extra/tests.txt" 2>&1
+tests_rc=$?
 set -e
+summary=$(grep -E '\b(passed|failed|errors?|skipped|deselected)\b' "$work/extra/tests.txt" | tail -n 1 |
+    sed -E 's/^[= ]+|[= ]+$//g' || true)
 if ((tests_rc == 124 || tests_rc == 137)); then
-    echo "gpu tests: stopped at their time share ($cap s)" | tee -a "$outdir/tests.txt"
+    summary="stopped at their cap ($cap s)${summary:+; last: $summary}"
+    echo "gpu tests: stopped at their cap ($cap s)" >>"$work/extra/tests.txt"
 fi
+# The failures' one-line reasons (pytest -rfE), then the phase's line.
+grep -E '^(FAILED|ERROR) ' "$work/extra/tests.txt" | head -n 10 | cut -c 1-300 || true
+echo "gpu_check: tests | ${summary:-no summary line} | $((SECONDS - tests_start)) s" | tee -a "$outdir/log.txt"
 
 left=$((BUDGET_S - (SECONDS - start) - 10))  # 10 s for the last report write
 "$PYTHON" tools/gpu_check.py "$outdir" ${cpu[@]+"${cpu[@]}"} --doc "$doc" --budget-s $((left > 30 ? left : 30)) \
-    --command "$command" --tests-log "$outdir/tests.txt" --tests-command "pytest ${tests[*]}"
+    --work "$work" --predictions "$PREDICTIONS" --command "$command" --tests-log "$work/extra/tests.txt" \
+    --tests-command "pytest ${tests[*]}"
 exit "$tests_rc"

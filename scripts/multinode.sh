@@ -20,6 +20,9 @@ NGPU=${NGPU:-8}
 RDZV_ID=${RDZV_ID:-mor-$(basename "$CONFIG" .toml)}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Growable segments instead of fixed-size blocks: less of the card lost to fragmentation between the
+# sequence lengths of the recursion steps (the dry run's allocator slack assumes it).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" --nproc_per_node="$NGPU" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \

@@ -16,4 +16,7 @@ if [[ "${DRY:-0}" == 1 ]]; then
 fi
 # One intra-op thread per process, unless the caller chose otherwise (CPU ranks share the cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Growable segments instead of fixed-size blocks: less of the card lost to fragmentation between the
+# sequence lengths of the recursion steps (the dry run's allocator slack assumes it).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --config "$CONFIG" "$@"

@@ -162,6 +162,10 @@ def test_bench_tool_runs_every_kind_and_short_caches_shrink_kv(capsys):
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from mor_pretrain.export import DTYPES
+
+    dtype = next(a for a in bench.parser()._actions if a.dest == "dtype")
+    assert set(dtype.choices) == set(DTYPES)  # the tool names them without importing torch
     argv = ["--shape", "small", "--batch", "2", "--prompt-len", "2", "--new-tokens", "3", "--repeats", "1"]
     argv += ["--device", "cpu", "--json"]
     assert bench.main([*argv, "--kinds", "vanilla,mor2"]) == 0

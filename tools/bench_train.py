@@ -9,7 +9,8 @@ SentencePiece model: speed does not depend on the text), with micro-batch = glob
 accumulation). Figures are those of the last log interval (the second half of the steps), after
 compilation. Executed FLOPs (flops.executed_flops_per_token: forward + backward, causal attention pairs, LM
 head and routers) give the achieved TFLOP/s and MFU. The end-of-run checkpoint and export are skipped (see
-`no_final_save`): at 1.7B they would write about 30 GB per run.
+`no_final_save`): at 1.7B they would write about 30 GB per run. Nothing here runs the dry-run estimator
+(mor_pretrain.estimate): tools/gpu_check.py --predict traces the same runs beforehand, on a CPU machine.
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sentencepiece as spm
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from mor_pretrain.config import JobConfig
 
-from mor_pretrain import trainer
-from mor_pretrain.config import MFU, STEP_TIME, TOKENS_PER_S, TRAIN_LOSS, JobConfig, RunFolder, load_config
-from mor_pretrain.estimate import estimate_apart
-from mor_pretrain.flops import executed_flops_per_token
+# torch and the package are imported where the work starts: `--help` answers at once.
 
 ROOT = Path(__file__).resolve().parents[1]
 # (label, config, overrides): the 360M runs of the issue.
@@ -83,6 +81,8 @@ def write_corpus(root: Path, docs: int = 400, seed: int = 0) -> Path:
     for split, part in (("train", texts[: docs - 20]), ("val", texts[docs - 20 :])):
         (root / split).mkdir(parents=True, exist_ok=True)
         (root / split / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    import sentencepiece as spm
+
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts[:100]),
         model_prefix=str(root / "tok"),
@@ -95,6 +95,8 @@ def write_corpus(root: Path, docs: int = 400, seed: int = 0) -> Path:
 
 
 def job(config: str, name: str, overrides: list[str], batch: int, s: Setting, corpus: Path, runs: Path) -> JobConfig:
+    from mor_pretrain.config import load_config
+
     log = max(1, s.steps // 2)
     return load_config(
         ROOT / "train_configs" / f"{config}.toml",
@@ -127,6 +129,8 @@ def job(config: str, name: str, overrides: list[str], batch: int, s: Setting, co
 def reset_device(device: str) -> None:
     """Between runs in one process: drop compiled graphs (dynamo's per-function cache is bounded) and
     freed memory, and restart the peak-memory counter the trainer reports."""
+    import torch
+
     gc.collect()
     torch._dynamo.reset()
     if device == "cuda":
@@ -137,6 +141,8 @@ def reset_device(device: str) -> None:
 def last_scalars(run: Path) -> dict[str, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from mor_pretrain.config import RunFolder
+
     ea = EventAccumulator(str(RunFolder(run).tb))
     ea.Reload()
     return {tag: ea.Scalars(tag)[-1].value for tag in ea.Tags()["scalars"]}
@@ -144,6 +150,13 @@ def last_scalars(run: Path) -> dict[str, float]:
 
 def run_one(label: str, config: str, overrides: list[str], batch: int, s: Setting, corpus: Path, runs: Path) -> dict:
     """Train `config` for s.steps steps; the row of figures, or {"oom": True} if the batch does not fit."""
+    import torch
+    import torch.distributed as dist
+
+    from mor_pretrain import trainer
+    from mor_pretrain.config import MFU, STEP_TIME, TOKENS_PER_S, TRAIN_LOSS
+    from mor_pretrain.flops import executed_flops_per_token
+
     name = label.replace(" ", "_").replace("=", "")
     cfg = job(config, name, overrides, batch, s, corpus, runs)
     reset_device(s.device)
@@ -160,8 +173,6 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
         return {"label": label, "batch": batch, "oom": True}
     tags = last_scalars(cfg.run_dir)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    # The dry run's estimate of the same step (one rank), beside what the device measured.
-    estimated = estimate_apart(cfg, 1).memory.total / 2**30
     flops = executed_flops_per_token(cfg.model, s.seq_len)
     step_time = tags[STEP_TIME]
     mem = tags.get("mem/max_allocated_gib", tags.get("mem/max_rss_gib", float("nan")))
@@ -178,15 +189,19 @@ def run_one(label: str, config: str, overrides: list[str], batch: int, s: Settin
         "achieved_tflops": flops * batch * s.seq_len / step_time / 1e12,
         "trainer_mfu": tags.get(MFU),
         "peak_mem_gib": mem,
-        "estimated_mem_gib": estimated,
+        "reserved_mem_gib": tags.get("mem/max_reserved_gib"),
         "loss": tags[TRAIN_LOSS],
         "oom": False,
     }
 
 
 def _meta_params(cfg: JobConfig) -> int:
+    import torch
+
+    from mor_pretrain.models import MoRModel
+
     with torch.device("meta"):
-        return trainer.MoRModel(cfg.model).num_params()
+        return MoRModel(cfg.model).num_params()
 
 
 def run_fitting(label: str, config: str, overrides: list[str], batches: list[int], s: Setting, corpus, runs) -> dict:
@@ -204,16 +219,15 @@ def table(rows: list[dict], peaks: dict[str, float]) -> list[str]:
     head = "| model | batch x seq | params | tokens/s | step time (s) | TFLOP/s | " + " | ".join(
         f"MFU vs {k}" for k in peaks
     )
-    out = [head + " | peak memory (GiB) | dry-run estimate (GiB) |", "|" + "---|" * (8 + len(peaks))]
+    out = [head + " | peak memory (GiB) |", "|" + "---|" * (7 + len(peaks))]
     for r in rows:
         if r["oom"]:
-            out.append(f"| {r['label']} | {r['batch']} x ... | out of memory |" + " |" * (5 + len(peaks)))
+            out.append(f"| {r['label']} | {r['batch']} x ... | out of memory |" + " |" * (4 + len(peaks)))
             continue
         mfu = " | ".join(f"{r['achieved_tflops'] / p:.1%}" for p in peaks.values())
         out.append(
             f"| {r['label']} | {r['batch']} x {r['seq_len']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} "
-            f"| {r['step_time_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.2f} "
-            f"| {r['estimated_mem_gib']:.2f} |"
+            f"| {r['step_time_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.2f} |"
         )
     return out
 
@@ -226,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train", help="corpus and run folders")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
+    import torch
+
     if not args.cpu and not torch.cuda.is_available():
         print("error: no CUDA device; use --cpu for the tiny CPU run", file=sys.stderr)
         return 2

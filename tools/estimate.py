@@ -1,6 +1,6 @@
 """Size a run before launching it: trace one training step of CONFIG at WORLD ranks on this machine (no GPU)
 and print per-rank peak memory by category, collectives, host syncs and a predicted step time, tokens/s and
-MFU on A100, H100, H200 and B200 (the roofline is stated in mor_pretrain/estimate.py).
+MFU on A100, H100, H200 and B200 (the step-time model and its error band are stated in mor_pretrain/estimate.py).
 
 python tools/estimate.py train_configs/mor_1.7b.toml --world 64 [--section.key=value ...]
 """

@@ -92,6 +92,14 @@ class ModelArgs:
         return self.router == "expert" and self.expert_rule == "topk"
 
     @property
+    def router_kind(self) -> str:
+        """The router and its rule as estimate.DOCUMENTED_SYNCS names them: vanilla, recursive (router none),
+        expert-topk, expert-threshold or token."""
+        if self.router == "none":
+            return "recursive" if self.num_recursions > 1 else "vanilla"
+        return f"expert-{self.expert_rule}" if self.router == "expert" else self.router
+
+    @property
     def llama_equivalent(self) -> bool:
         """Whether the model is a plain Llama once its shared layers are unrolled."""
         share = self.kv_mode == "share" and self.num_recursions > 1
@@ -445,7 +453,9 @@ class RecursionStack(nn.Module):
         (the step's learned one for expert-threshold routing, else model.causal_threshold, unless given), or
         when the step has capacity 1."""
         a = self.args
-        full = torch.tensor(a.step_capacities, device=scores.device)[step] >= 1.0
+        # Capacities never increase (validate), so the steps of capacity 1 come first: comparing `step` with
+        # their count decides an int step on the host and a tensor of steps on the device, with no copy.
+        full = step < sum(c >= 1.0 for c in a.step_capacities)
         if threshold is not None:
             return (scores >= threshold) | full
         learned = self.expert_threshold
@@ -483,7 +493,8 @@ class RecursionStack(nn.Module):
 
         A step's compacted length is exact for expert top-k (static k). For per-token decisions it is the
         busiest sequence's count rounded up by `bucket_size`: one host sync per forward for token choice
-        (all depths are known up front), one per thresholded step for causal expert choice.
+        (all depths are known up front), one per thresholded step for causal and expert-threshold routing,
+        and no other (estimate.DOCUMENTED_SYNCS, checked by tests/test_syncs.py).
         """
         a = self.args
         b, t, _ = h.shape
