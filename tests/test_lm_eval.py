@@ -84,10 +84,10 @@ def test_scores_equal_lm_eval_hf_model_on_the_to_hf_folder(folders, tmp_path):
 @needs_data
 @pytest.mark.slow  # a fresh interpreter imports lm-eval, datasets and torch
 def test_cli_scores_the_shipped_offline_task_like_tools_eval(folders, tmp_path):
-    """`python -m mor_pretrain.integrations.lm_eval` (= the mor-lm-eval script) with the network off: lm-eval's
+    """`python -m mor_pretrain.integrations.lm_eval_cli` (= the mor-lm-eval script) with the network off: lm-eval's
     own PIQA task over the local data, through the shipped configs it includes by itself."""
     model, export = folders
-    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval", "--model", "mor", "--tasks", "piqa_local"]
+    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval_cli", "--model", "mor", "--tasks", "piqa_local"]
     cmd += ["--model_args", f"pretrained={export},routing=causal", "--limit", "6", "--batch_size", "4"]
     cmd += ["--output_path", str(tmp_path / "out"), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -100,6 +100,39 @@ def test_cli_scores_the_shipped_offline_task_like_tools_eval(folders, tmp_path):
     want = score_docs(model, tok, load_task("piqa", 0, limit=6), "causal", progress=False)
     assert result["results"]["piqa"]["acc,none"] == pytest.approx(want["acc"].value)
     assert result["results"]["piqa"]["acc_norm,none"] == pytest.approx(want["acc_norm"].value)
+
+
+def test_console_script_prints_a_refused_few_shot_setting_in_one_line(monkeypatch, capsys):
+    """`mor-lm-eval` (cli) turns the local tasks' ShotsUnsupported into one `error:` line and exit status 2."""
+    import mor_pretrain.integrations.lm_eval as adapter
+    from mor_pretrain.evaluate import ShotsUnsupported
+
+    def refuse():
+        raise ShotsUnsupported("piqa_local: --num_fewshot 1: runs 0-shot only")
+
+    monkeypatch.setattr(adapter, "main", refuse)
+    with pytest.raises(SystemExit) as e:
+        adapter.cli()
+    assert e.value.code == 2 and e.value.__suppress_context__  # no chained traceback
+    assert capsys.readouterr().err == "error: piqa_local: --num_fewshot 1: runs 0-shot only\n"
+
+
+@needs_data
+@pytest.mark.slow  # a fresh interpreter imports lm-eval, datasets and torch
+def test_cli_refuses_few_shot_on_a_task_without_local_examples(folders, tmp_path):
+    """`mor-lm-eval --num_fewshot 1` on piqa_local (whose few-shot source, PIQA's train split, is not local): one
+    `error:` line naming what is supported and exit status 2, not lm-eval's AssertionError traceback."""
+    _, export = folders
+    cmd = [sys.executable, "-m", "mor_pretrain.integrations.lm_eval_cli", "--model", "mor", "--tasks", "piqa_local"]
+    cmd += ["--model_args", f"pretrained={export}", "--num_fewshot", "1", "--limit", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "AssertionError" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and "piqa_local: --num_fewshot 1" in errors[0], errors
+    assert "0-shot only" in errors[0] and "mmlu_continuation_local takes 0..5" in errors[0]
 
 
 @needs_data

@@ -16,12 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from mor_pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, mark_complete, step_dir, verify_files
-from mor_pretrain.config import CheckpointConfig, load_config
-from mor_pretrain.models import MoRModel
-
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -32,6 +26,12 @@ def main() -> None:
     p.add_argument("config", help="job TOML; --section.key=value overrides follow")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     args, overrides = p.parse_known_args()
+    import torch  # after parsing: --help loads no torch
+
+    from mor_pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, mark_complete, step_dir, verify_files
+    from mor_pretrain.config import CheckpointConfig, load_config
+    from mor_pretrain.models import MoRModel
+
     cfg = load_config(args.config, overrides)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 32000

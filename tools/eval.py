@@ -7,7 +7,9 @@ python tools/eval.py CHECKPOINT [--tasks lambada,hellaswag,...|all] [--shots 0] 
 CHECKPOINT: an export folder, a DCP checkpoint folder, a run folder (its export, else its latest complete
 checkpoint) or a to-hf transformers folder. Expert-choice models are scored in both routing modes ("causal"
 and "topk"), labelled per result.
-Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval).
+Each accuracy comes with the sample standard error of its mean over the documents (as lm-eval). LAMBADA reports
+lm-eval's acc (the last word is the greedy continuation) and perplexity (exp(-mean log-likelihood of the last
+word)); its --log-samples records hold acc = that greedy flag and the loglikelihood.
 By default the JSON goes to <run>/eval/<name>.json when CHECKPOINT lies in a run folder.
 """
 
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON results file (default: <run>/eval/<name>-<shots>shot.json)")
     p.add_argument("--markdown", default=None, help="markdown table file")
     p.add_argument(
-        "--log-samples", default=None, metavar="FILE", help="per-document records (JSON lines) for error analysis"
+        "--log-samples",
+        default=None,
+        metavar="FILE",
+        help="per-document records (JSON lines: choices, log-likelihoods, label, metrics) for error analysis",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

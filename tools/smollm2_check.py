@@ -14,12 +14,11 @@ import json
 import math
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-import torch
-
-from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
-from mor_pretrain.evaluate import Tokenizer, greedy_continue, load_for_eval, text_loss
-from mor_pretrain.models import MoRModel
+if TYPE_CHECKING:
+    from mor_pretrain.evaluate import Tokenizer
+    from mor_pretrain.models import MoRModel
 
 PROMPT = "The capital of France is"
 # Charles Dickens, A Tale of Two Cities (1859), opening of Book 1 Chapter 1; public domain.
@@ -35,12 +34,19 @@ PARAGRAPH = (
 
 
 def perplexity(model: MoRModel, tok: Tokenizer, text: str) -> float:
+    from mor_pretrain.evaluate import text_loss
+
     ids = tok.encode(text)
     loss, _ = text_loss(model, ids, seq_len=len(ids) - 1)
     return math.exp(loss)
 
 
 def check(export: str) -> dict[str, object]:
+    import torch
+
+    from mor_pretrain.evaluate import greedy_continue, load_for_eval
+    from mor_pretrain.models import MoRModel
+
     model, tok, _ = load_for_eval(export)
     torch.manual_seed(0)
     random_model = MoRModel(model.args)
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", default=None, help="existing export of the GGUF; default: import into a temp folder")
     args = p.parse_args(argv)
+    from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path  # after parsing: --help loads no torch
+
     if args.export:
         result = check(args.export)
     else:

@@ -11,7 +11,10 @@ module imported first; every lm-eval flag works unchanged. From Python: import t
 Offline tasks: lm-eval's own suite tasks over the project's local data, in groups named <task>_local
 (hellaswag_local, piqa_local, winogrande_local, arc_easy_local, arc_challenge_local, lambada_openai_local,
 mmlu_continuation_local) from the configs in LOCAL_TASKS. `mor-lm-eval` adds `--include_path LOCAL_TASKS`
-unless given an include path of its own; the stock `lm_eval` takes the same flag.
+unless given an include path of its own; the stock `lm_eval` takes the same flag. Few-shot: MMLU takes
+--num_fewshot 0..5 (its dev split, as tools/eval.py --shots), LAMBADA draws its examples from its test split as
+lm-eval's does; the other tasks' source (their train split) is not local, so their samplers refuse shots
+(evaluate.ShotsUnsupported), which `mor-lm-eval` prints as one `error:` line, exit status 2.
 
 pretrained: anything tools/eval.py takes (export folder, DCP checkpoint folder, run folder). routing:
 "causal" (default; per-token decisions) or "topk" (the training rule, which sees the whole sequence).
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +37,7 @@ from tqdm import tqdm
 from mor_pretrain.evaluate import encode_pair, load_for_eval, score_requests
 from mor_pretrain.export import DTYPES
 from mor_pretrain.generate import SamplingConfig, generate, trim_stop
-
-LOCAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
+from mor_pretrain.integrations.lm_eval_cli import LOCAL_TASKS
 
 
 @register_model("mor")
@@ -125,5 +126,17 @@ def main() -> None:
     cli_evaluate()
 
 
+def cli() -> None:
+    """The `mor-lm-eval` console script: `main`, with a few-shot setting that the local tasks cannot serve
+    (evaluate.ShotsUnsupported, raised by their samplers) refused in one `error:` line, exit status 2."""
+    from mor_pretrain.evaluate import ShotsUnsupported
+
+    try:
+        main()
+    except ShotsUnsupported as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
