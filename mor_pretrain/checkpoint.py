@@ -1,9 +1,11 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP): atomic, pruned, async, reshardable.
 
 Layout: <run_dir>/<checkpoint.folder>/step-<8 digits>/ holds the DCP files, `config.toml` (the resolved job
-config) and, once every rank has finished writing, `COMPLETE`: a JSON manifest with the size and XXH3 hash
-of every other file. Only complete checkpoints are loaded or counted when pruning, so a crash mid-save leaves the
-previous checkpoint usable, and every file is verified against the manifest before anything is read.
+config), a copy of the tokenizer file the config names (`tokenizer.model`; none for the built-in 'default'),
+and, once every rank has finished writing, `COMPLETE`: a JSON manifest with the size and XXH3 hash of every
+other file. Only complete checkpoints are loaded or counted when pruning, so a crash mid-save leaves the
+previous checkpoint usable (a save that fails removes its partial folder), and every file is verified against
+the manifest, and to lie inside the folder, before anything is read.
 
 Nothing here unpickles what can run code: the per-rank state is JSON, DCP's pickled `.metadata` is first
 checked with an unpickler that admits only the classes DCP metadata is made of (and storage entries that
@@ -28,10 +30,12 @@ import fcntl
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +67,15 @@ from tqdm import tqdm
 
 from mor_pretrain.config import CheckpointConfig, JobConfig, RunFolder, load_config
 from mor_pretrain.distributed import host_group, rank, world_size
+from mor_pretrain.export import (
+    TOKENIZER_RULE,
+    atomic_write,
+    atomic_write_text,
+    check_finite,
+    check_model_sizes,
+    folder_file,
+    io_cause,
+)
 from mor_pretrain.models import ModelArgs, MoRModel
 
 if sys.version_info >= (3, 11):
@@ -120,14 +133,16 @@ def mark_complete(path: Path, step: int) -> None:
         for f in sorted(path.iterdir())
         if f.is_file() and f.name != COMPLETE and not f.name.startswith(COMPLETE)
     }
-    tmp = path / f"{COMPLETE}.tmp"
-    tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "step": step, "files": files}, indent=1) + "\n")
-    os.replace(tmp, path / COMPLETE)
+    manifest = {"version": MANIFEST_VERSION, "step": step, "files": files}
+    atomic_write_text(path / COMPLETE, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
     """The per-file sizes and checksums recorded in `path/COMPLETE`."""
-    marker = path / COMPLETE
+    try:
+        marker = folder_file(path, COMPLETE)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not marker.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker): its save never finished")
     try:
@@ -149,8 +164,11 @@ def verify_files(path: Path, names: list[str] | None = None) -> str | None:
         files = read_manifest(path)
     except CheckpointError as e:
         return str(e)
+    inside = path.resolve()
     for name in sorted(files) if names is None else names:
         f, want = path / name, files[name]
+        if f.resolve().parent != inside:  # a link out of the folder, or a name with a path in it
+            return f"{f} resolves to {f.resolve()}, outside the checkpoint folder: refused unread"
         if not f.is_file():
             return f"{f} is missing"
         size = f.stat().st_size
@@ -228,7 +246,12 @@ def check_dcp_metadata(path: Path) -> None:
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner unpickles the non-tensor items of a state dict with weights_only=False, so a
     forged `.distcp` could run code. Ours reads them with weights_only=True (plain numbers, strings,
-    containers and tensors only) and hands DCP a re-serialized copy of what it read."""
+    containers and tensors only) and hands DCP a re-serialized copy of what it read. `folder` (the
+    checkpoint's) makes a refusal name the file in full."""
+
+    def __init__(self, folder: Path | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.folder = folder
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         try:
@@ -236,7 +259,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except Exception as e:
             info = self.metadata.storage_data.get(read_item.storage_index) if self.metadata else None
             where = getattr(info, "relative_path", "?")
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if self.folder is not None:
+                where = str(self.folder / where)
+            # torch's text is a page of advice (with terminal escapes); the unpickler's own finding is the cause.
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            found = re.search(r"WeightsUnpickler error: (.*?)(?:\.\s|\.?$)", text, re.MULTILINE)
+            first = found.group(1) if found else (text.splitlines()[0] if text else "")
             raise CheckpointError(
                 f"{where}: item {read_item.dest_index.fqn!r} is not plain data, refused unread "
                 f"({type(e).__name__}: {first})"
@@ -247,12 +275,41 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, clean)
 
 
+def root_failure(e: BaseException) -> BaseException:
+    """The error behind DCP's wrapper (a CheckpointException holds each failed rank's exception and
+    traceback; its text is all of them, many lines): the lowest failed rank's own exception."""
+    for _ in range(8):  # nested wrappers, never a cycle
+        failures = getattr(e, "failures", None) if isinstance(e, dcp.CheckpointException) else None
+        if not failures:
+            break
+        found = failures[min(failures)]
+        e = found[0] if isinstance(found, tuple) else found
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message` of the error behind any DCP wrapper."""
+    root = root_failure(e)
+    text = str(root).strip()
+    return f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
+
+
+def read_failure(path: Path, e: BaseException) -> CheckpointError:
+    """One line for a failed DCP read of `path`: our own refusal as it is (it names the file and the
+    item), anything else as the underlying error's first line."""
+    root = root_failure(e)
+    if isinstance(root, CheckpointError):
+        return CheckpointError(str(root))
+    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {one_line(root)}")
+
+
 def dcp_load(state_dict: dict[str, Any], path: Path) -> None:
-    """dcp.load through SafeLoadPlanner over the host group; any failure is a CheckpointError naming path."""
+    """dcp.load through SafeLoadPlanner over the host group; any failure is a one-line CheckpointError."""
     try:
-        dcp.load(state_dict, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=host_group())
+        planner = SafeLoadPlanner(folder=path)
+        dcp.load(state_dict, checkpoint_id=str(path), planner=planner, process_group=host_group())
     except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip()[-500:]}") from None
+        raise read_failure(path, e) from None
 
 
 class RunLock:
@@ -286,6 +343,24 @@ def all_finite(model: nn.Module) -> bool:
     if dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=host_group())
     return bool(ok.item())
+
+
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of a parameter holding NaN or inf on any rank of the (possibly sharded) model, or None. The
+    check is all_finite's single reduction; names are gathered only when some rank found one."""
+    if all_finite(model):
+        return None
+    found = None
+    for name, p in model.named_parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            found = name
+            break
+    if dist.is_initialized() and world_size() > 1:
+        names: list[str | None] = [None] * world_size()
+        dist.all_gather_object(names, found, group=host_group())
+        found = next((n for n in names if n), None)
+    return found or "?"
 
 
 class ModelState:
@@ -382,6 +457,18 @@ def _space_problem(root: Path, need: int) -> str:
     )
 
 
+def _os_cause(e: BaseException | None) -> str | None:
+    """The OS error (and its file) behind a failure, from it or its cause chain; None if there is none."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{e.strerror or os.strerror(e.errno)}{where}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @dataclass
 class SaveRecord:
     step: int
@@ -426,8 +513,17 @@ class Checkpointer:
             return True
         return self.cfg.interval > 0 and step % self.cfg.interval == 0
 
-    def save(self, step: int, states: dict[str, Any], per_rank: dict[str, Any], wait: bool = False) -> SaveRecord:
-        """Write a checkpoint for `step`. Async saves return once the state is staged in host memory."""
+    def save(
+        self,
+        step: int,
+        states: dict[str, Any],
+        per_rank: dict[str, Any],
+        wait: bool = False,
+        written: Callable[[SaveRecord], None] | None = None,
+    ) -> SaveRecord:
+        """Write a checkpoint for `step`. Async saves return once the state is staged in host memory.
+        written(record) runs once the state is written (async: staged), before `COMPLETE` makes the checkpoint
+        one a relaunch resumes from: what must be on disk by then (the metrics of the steps up to it)."""
         self.finish_pending()
         path = step_dir(self.root, step)
         model = states.get("model")
@@ -445,8 +541,14 @@ class Checkpointer:
                 shutil.rmtree(path)
             problem = [_space_problem(self.root, need)]
             if not problem[0]:
-                path.mkdir(parents=True)
-                (path / "config.toml").write_text(self.config_toml)
+                try:
+                    path.mkdir(parents=True)
+                    (path / "config.toml").write_text(self.config_toml)
+                    self._copy_tokenizer(path)
+                except OSError as e:
+                    shutil.rmtree(path, ignore_errors=True)
+                    where = f" ({e.filename})" if e.filename else ""
+                    problem = [f"{io_cause(e)}{where}; nothing was written"]
         if dist.is_initialized():
             dist.broadcast_object_list(problem, src=0, group=host_group())
         if problem[0]:
@@ -463,13 +565,31 @@ class Checkpointer:
         except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
             raise self._save_error(path, need, e) from None
         record = SaveRecord(step, time.perf_counter() - start)
+        if written is not None:
+            written(record)
         if self.cfg.async_save and not wait:
             self._pending = (future, step, start)
         else:
-            self._mark_complete(step)
+            try:
+                self._mark_complete(step)
+            except OSError as e:  # the manifest could not be written: the save is not complete
+                raise self._save_error(path, need, e) from None
             record.total_s = time.perf_counter() - start
         self.records.append(record)
         return record
+
+    def _copy_tokenizer(self, path: Path) -> None:
+        """Copy the tokenizer file the job config names into the checkpoint folder (covered by the manifest),
+        so the checkpoint is read offline with its own tokenizer (TOKENIZER_RULE); the built-in 'default'
+        needs no copy."""
+        try:
+            spec = tomllib.loads(self.config_toml).get("data", {}).get("tokenizer", "default")
+        except tomllib.TOMLDecodeError:
+            return
+        if not isinstance(spec, str) or spec == "default" or not Path(spec).is_file():
+            return
+        src = Path(spec)
+        atomic_write(path / checkpoint_tokenizer_name(spec), lambda tmp: shutil.copyfile(src, tmp))
 
     def _expected_bytes(self, model: Any) -> int:
         """What a save will write, all ranks together: the last complete checkpoint's size, or before the
@@ -485,13 +605,21 @@ class Checkpointer:
         return 0
 
     def _save_error(self, path: Path, need: int, e: BaseException) -> CheckpointError:
-        """One line for a failed write: a full disk says so (torch's own message is about stream positions)."""
-        text = str(e).strip()
-        full = "No space left on device" in text or bool(_space_problem(self.root, need))
-        cause = "No space left on device" if full else (text.splitlines()[-1] if text else type(e).__name__)
+        """One line for a failed write, naming the cause: the OS error behind DCP's wrapper (disk full,
+        permission denied, ...), a full disk even when torch's own message is about stream positions. Rank 0
+        removes the partial folder (a failed save is never complete, so nothing there is lost)."""
+        root = root_failure(e)
+        cause = _os_cause(root)
+        if cause is None:
+            full = "No space left on device" in str(e) or bool(_space_problem(self.root, need))
+            cause = "No space left on device" if full else one_line(root)
+        removed = ""
+        if rank() == 0 and path.is_dir() and not (path / COMPLETE).exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed = "; its partial folder was removed"
         last = complete_steps(self.root)
         kept = f"; the last complete checkpoint, {step_dir(self.root, last[-1])}, is intact" if last else ""
-        return CheckpointError(f"saving checkpoint {path} failed: {cause}{kept}")
+        return CheckpointError(f"saving checkpoint {path} failed: {cause}{removed}{kept}")
 
     def finish_pending(self) -> None:
         """Block until an in-flight async save is written, then mark it complete and prune."""
@@ -501,9 +629,9 @@ class Checkpointer:
         self._pending = None
         try:
             future.result()
+            self._mark_complete(step)
         except (Exception, dcp.CheckpointException) as e:
             raise self._save_error(step_dir(self.root, step), 0, e) from None
-        self._mark_complete(step)
         for r in self.records:
             if r.step == step:
                 r.total_s = time.perf_counter() - start
@@ -571,6 +699,13 @@ class Checkpointer:
         meta_keys = {k.split(".")[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
         sd = {k: v for k, v in states.items() if k in meta_keys}
         dcp_load(sd, path)
+        model = sd.get("model")
+        bad = nonfinite_parameter(model.model) if isinstance(model, ModelState) else None
+        if bad is not None:  # a checkpoint written otherwise than by a save, which refuses them
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {bad} holds NaN or inf; refusing to resume from these weights"
+                f"{_last_good_hint(path)}"
+            )
         if pickled := sorted(f for f in files if f.endswith(".pt")):
             raise CheckpointError(f"{path / pickled[0]}: per-rank state as a pickle is never loaded (unsafe)")
         own = f"rank{rank()}.json"
@@ -742,8 +877,28 @@ def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
 def _find_run_config(ckpt: Path) -> Path:
     for cand in (ckpt / "config.toml", ckpt.parent.parent / "config.toml"):
         if cand.is_file():
-            return cand
+            return folder_file(cand.parent, cand.name)  # a link out of its folder is refused
     raise FileNotFoundError(f"no config.toml in {ckpt} or its run folder {ckpt.parent.parent}; pass --config")
+
+
+def checkpoint_tokenizer_name(spec: str) -> str:
+    """The name of a checkpoint's own copy of the tokenizer file `spec` names."""
+    return "tokenizer.json" if spec.endswith(".json") else "tokenizer.model"
+
+
+def checkpoint_tokenizer(ckpt: Path, spec: str, cfg_path: Path) -> str:
+    """The tokenizer of a checkpoint read offline, whose config.toml may come from anyone: the built-in
+    'default', or the checkpoint's own copy (saves write one), as a path checked to lie inside the folder.
+    The path the config names is never opened: it may point anywhere on this machine."""
+    if spec == "default":
+        return spec
+    copy = ckpt / checkpoint_tokenizer_name(spec)
+    if not copy.is_file():
+        raise CheckpointError(
+            f"{cfg_path} names the tokenizer {spec!r}, and {ckpt} holds no copy of it: {TOKENIZER_RULE}. "
+            f"Copy the tokenizer to {copy}, or (to-export) pass your own job config with --config"
+        )
+    return str(folder_file(ckpt, copy.name).resolve())
 
 
 def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
@@ -764,7 +919,9 @@ def load_dcp_model(
 
     `config` is the job TOML (default: the checkpoint's own config.toml, else the run folder's). A
     model.vocab_size of 0 is taken from the stored embedding. Returns (args, state_dict, extra) where extra
-    holds the tokenizer spec for the export config.
+    holds the tokenizer spec for the export config: the `config` you pass names any path, but a config found
+    with the checkpoint only 'default' or the checkpoint's own copy (checkpoint_tokenizer). Sizes the weights
+    do not pin are checked before anything is allocated, and weights holding NaN or inf are refused.
     """
     ckpt = Path(ckpt)
     entries = _dcp_model_entries(ckpt)
@@ -775,6 +932,10 @@ def load_dcp_model(
         args = dataclasses.replace(args, vocab_size=entries["tok_embeddings.weight"].size[0])
     found = {k: tuple(v.size) for k, v in entries.items()}
     check_shapes(expected_state_shapes(args), found, f"checkpoint {ckpt}")
+    weight_bytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in entries.values())
+    check_model_sizes(args, weight_bytes, str(cfg_path))
+    # A job config the user passes is theirs, like a training config; one found with the checkpoint is not.
+    spec = cfg.data.tokenizer if config is not None else checkpoint_tokenizer(ckpt, cfg.data.tokenizer, cfg_path)
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
     bar = tqdm(
         total=sum(t.numel() * t.element_size() for t in state.values()),
@@ -783,16 +944,19 @@ def load_dcp_model(
         desc=f"read {ckpt.name}",
         disable=not progress,
     )
-    for chunk in _chunks(state, _READ_BYTES):
-        try:
-            with without_process_group():
-                dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner())
-        except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            raise ValueError(f"cannot read checkpoint {ckpt} (truncated or corrupt?): {last}") from None
-        bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
-    bar.close()
-    return args, state, {"tokenizer": cfg.data.tokenizer}
+    with bar:  # closed before an error is printed, so the error starts a line of its own
+        for chunk in _chunks(state, _READ_BYTES):
+            try:
+                with without_process_group():
+                    dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner(folder=ckpt))
+            except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
+                raise read_failure(ckpt, e) from None
+            check_finite(chunk, f"checkpoint {ckpt}")
+            bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
+    extra = {"tokenizer": spec}
+    if spec != cfg.data.tokenizer:
+        extra["tokenizer_source"] = cfg.data.tokenizer
+    return args, state, extra
 
 
 def _chunks(state: dict[str, torch.Tensor], max_bytes: int) -> Iterable[dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -36,7 +37,15 @@ from mor_pretrain.checkpoint import (
     mark_complete,
     without_process_group,
 )
-from mor_pretrain.export import load_exported, save_exported, save_tokenizer
+from mor_pretrain.export import (
+    atomic_write,
+    check_model_sizes,
+    folder_file,
+    load_exported,
+    save_exported,
+    save_tokenizer,
+    writing,
+)
 from mor_pretrain.models import ModelArgs, MoRModel
 
 UPCYCLE_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
@@ -136,6 +145,19 @@ def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[s
 
 def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """A vanilla ModelArgs and state dict from an HF Llama config dict and its tensors."""
+    args = hf_llama_args(config)
+    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    for i in range(args.n_layers):
+        for ours, theirs in _HF_BLOCK.items():
+            state[f"stack.layers.{i}.{ours}"] = hf[f"model.layers.{i}.{theirs}"]
+    if not args.tie_embeddings:
+        state["output.weight"] = hf["lm_head.weight"]
+    state["stack.depth_bias"] = torch.zeros(0)
+    return args, state
+
+
+def hf_llama_args(config: dict[str, Any]) -> ModelArgs:
+    """The vanilla ModelArgs an HF Llama config dict describes."""
     if config.get("model_type") != "llama":
         raise ValueError(f"expected an HF Llama config, got model_type={config.get('model_type')!r}")
     rope = config.get("rope_parameters") or {}
@@ -144,7 +166,7 @@ def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[
     d, heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim", d // heads) != d // heads:
         raise ValueError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = {d // heads}")
-    args = ModelArgs(
+    return ModelArgs(
         vocab_size=config["vocab_size"],
         d_model=d,
         n_layers=config["num_hidden_layers"],
@@ -159,26 +181,39 @@ def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[
         sharing="cycle",
         router="none",
     )
-    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    for i in range(args.n_layers):
-        for ours, theirs in _HF_BLOCK.items():
-            state[f"stack.layers.{i}.{ours}"] = hf[f"model.layers.{i}.{theirs}"]
-    if not args.tie_embeddings:
-        state["output.weight"] = hf["lm_head.weight"]
-    state["stack.depth_bias"] = torch.zeros(0)
-    return args, state
 
 
 def load_hf_llama(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """Read an HF Llama folder (config.json + *.safetensors) into a vanilla ModelArgs and state dict."""
     p = Path(path)
-    files = sorted(p.glob("*.safetensors"))
-    if not (p / "config.json").is_file() or not files:
+    files = [folder_file(p, f.name) for f in sorted(p.glob("*.safetensors"))]  # none may lead outside
+    config = folder_file(p, "config.json")
+    if not config.is_file() or not files:
         raise FileNotFoundError(f"{p} is not an HF checkpoint folder (config.json + *.safetensors)")
+    try:
+        meta = json.loads(config.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
     hf: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf.update(load_file(str(f)))
-    return from_hf_llama(json.loads((p / "config.json").read_text()), hf)
+    try:
+        # The config's sizes against the files before anything is built from them.
+        args = hf_llama_args(meta) if isinstance(meta, dict) else hf_llama_args({})
+        check_model_sizes(args, sum(f.stat().st_size for f in files), str(config))
+        names: set[str] = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as opened:
+                names.update(opened.keys())
+        if args.n_layers * len(_HF_BLOCK) > len(names):
+            raise ValueError(f"{config} has {args.n_layers} layers; the weights hold {len(names)} tensors in all")
+        for f in files:
+            hf.update(load_file(str(f)))
+        args, state = from_hf_llama(meta, hf)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{p}: config.json and the weights do not describe one Llama model ({e!r})") from None
+    except SafetensorError as e:  # a truncated or garbled file
+        raise ValueError(f"cannot read the weights of {p}: {e}") from None
+    check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"folder {p}")
+    return args, state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,8 +351,9 @@ def gguf_to_export(path: str | Path, out: str | Path, dtype: torch.dtype | None 
     GGUF's special tokens and chat template in tokenizer_config.json."""
     args, state, tok, specials = load_gguf(path, progress)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
     save_tokenizer(out, "tokenizer.json", out, specials, args.max_seq_len)
     extra = {"tokenizer": "tokenizer.json", "source": str(path)}
     return save_exported(out, args, state, dtype=dtype, extra=extra, tokenizer_base=out)

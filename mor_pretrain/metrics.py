@@ -12,7 +12,8 @@ import re
 import resource
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from mor_pretrain.config import (
     config_to_dict,
     dump_toml,
 )
+
+if TYPE_CHECKING:
+    from mor_pretrain.checkpoint import SaveRecord
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +180,46 @@ CONSOLE = (
 )
 
 
+# W&B's service writes a run's file in 32 KiB blocks, and the last, partial one only once the run is finished
+# and the service has closed it: rows in that block die with the service (a lost node, an OOM kill). Offline,
+# the logger therefore finishes the W&B run at each checkpoint, before the checkpoint counts, waits for the file
+# to be written, and continues the same run (same id) in a new run folder, a "segment", from the next row on.
+# Each segment records the first step it logs; a relaunch from step N moves the segments that began past N
+# (steps a crashed launch logged after its last checkpoint, which the relaunch logs again) to SUPERSEDED.
+SEGMENT_FIRST_STEP = "mor_first_step"
+SUPERSEDED = "superseded"
+
+
+def supersede_wandb_segments(wandb_dir: Path, after: int) -> list[Path]:
+    """Move the W&B run folders under `wandb_dir` whose first logged step is past `after` to
+    `wandb_dir/superseded/`, out of `wandb sync <wandb_dir>`'s reach. Returns their new paths."""
+    moved = []
+    for marker in sorted(wandb_dir.glob(f"*/{SEGMENT_FIRST_STEP}")):
+        if marker.parent.is_symlink():  # W&B's latest-run
+            continue
+        try:
+            first = int(marker.read_text())
+        except ValueError:
+            continue
+        if first <= after:
+            continue
+        dest = wandb_dir / SUPERSEDED / marker.parent.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{marker.parent.name}.{n}"), n + 1
+        marker.parent.rename(dest)
+        moved.append(dest)
+    return moved
+
+
 class MetricLogger:
-    """Writes scalars to the configured backends (rank 0) and prints a console line at log steps."""
+    """Writes scalars to the configured backends (rank 0) and prints a console line at log steps.
+
+    The trainer calls log() for a step's scalars (any number of times), checkpoint() once a checkpoint of the
+    step is written but not yet marked complete, and end_step() when the step ends. TensorBoard is flushed at
+    each log(); W&B gets one committed row per step, at its end or at its checkpoint, whichever is first.
+    """
 
     def __init__(
         self,
@@ -189,37 +231,67 @@ class MetricLogger:
         job: JobConfig | None = None,
         wandb_id: str = "",
     ):
-        """first_step: the step the run resumes after. A run that crashed logged steps past its last
-        checkpoint; TensorBoard drops those (purge_step) so the resumed curves have no duplicate steps (W&B
-        keeps its first values of those steps: it takes steps in increasing order only).
+        """first_step: the step the run resumes from (0: a start). Both backends show each step once, as the
+        last launch that trained it logged it: a launch that crashed after its last checkpoint logged steps
+        past first_step that this launch logs again, and their earlier records are dropped, by TensorBoard's
+        purge_step and by moving W&B's segments that began past first_step aside (supersede_wandb_segments).
+        Steps up to first_step stay as logged: their records were on disk before that checkpoint counted.
         job: the resolved job config, shown in TensorBoard's text tab and as the W&B run's config.
         wandb_id: the W&B run to create or continue."""
         self.total_steps = total_steps
         self.rank = rank
         self.start = time.perf_counter()
         self.writer = None
-        self.wandb: Any = None
+        self.wandb: Any = None  # the open W&B run (segment), if any
+        self.use_wandb = "wandb" in cfg.backends
+        self.wandb_dir = folder.path / "wandb"
+        self._wandb_init: dict[str, Any] = {}
+        self._wandb_floor = 0  # W&B drops steps below the run's starting step (online: the server's next step)
+        self._segments = 0
+        self._wandb_offline = False
+        self._row: dict[str, float] = {}  # the current step's W&B row, committed at its end
+        self._row_step = -1
         if rank != 0:
             return
         if "tensorboard" in cfg.backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_dir = folder.tb
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1 if first_step else None)
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=first_step + 1)
             if job is not None:
                 self.writer.add_text("config", "```toml\n" + dump_toml(job) + "```", first_step)
-        if "wandb" in cfg.backends:
-            import wandb  # optional extra "wandb"
-
-            config = config_to_dict(job) if job is not None else None
-            self.wandb = wandb.init(
+        if self.use_wandb:
+            moved = supersede_wandb_segments(self.wandb_dir, first_step)
+            if moved:
+                print(
+                    f"W&B: moved {len(moved)} run folder(s) holding steps past {first_step} (logged before a crash, "
+                    f"logged again now) to {self.wandb_dir / SUPERSEDED}",
+                    flush=True,
+                )
+            self._wandb_init = dict(
                 project=cfg.wandb_project,
                 name=folder.path.name,
                 id=wandb_id or None,
                 resume="allow",
                 dir=str(folder.path),
-                config=config,
+                config=config_to_dict(job) if job is not None else None,
             )
+            self._open_wandb(first_step + 1)
+
+    def _open_wandb(self, first_step: int) -> None:
+        """Start (or continue) the W&B run in a new segment whose first step is `first_step`."""
+        import wandb  # optional extra "wandb"
+
+        settings = None
+        if self._segments:  # a checkpoint closed the last one: the same run goes on, without a banner
+            settings = wandb.Settings(silent=True)
+        elif wandb.setup().settings.mode in ("offline", "dryrun"):  # no summary at each checkpoint's close
+            settings = wandb.Settings(quiet=True)
+        self.wandb = wandb.init(**self._wandb_init, settings=settings)
+        self._wandb_offline = bool(self.wandb.offline)
+        Path(self.wandb.settings.sync_dir, SEGMENT_FIRST_STEP).write_text(f"{first_step}\n")
+        self._wandb_floor = self.wandb.starting_step
+        self._segments += 1
 
     def log(self, step: int, scalars: dict[str, float], steps_done_since_start: int, console: bool = True) -> None:
         """Write `scalars` at global step `step`; steps_done_since_start drives the ETA."""
@@ -229,8 +301,13 @@ class MetricLogger:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
-        if self.wandb is not None and step >= self.wandb.step:
-            self.wandb.log(scalars, step=step)
+        if self.use_wandb:
+            if step != self._row_step:
+                self._commit()
+            if self.wandb is None:
+                self._open_wandb(step)
+            self._row_step = step
+            self._row.update(scalars)
         if not console:
             return
         elapsed = time.perf_counter() - self.start
@@ -247,11 +324,47 @@ class MetricLogger:
         parts.append(f"eta {_hms(eta)}")
         print(" | ".join(parts), flush=True)
 
+    def _commit(self) -> None:
+        """Send the pending W&B row as one committed step (W&B keeps a step open until it is committed)."""
+        if self._row and self.wandb is not None and self._row_step >= self._wandb_floor:
+            self.wandb.log(self._row, step=self._row_step, commit=True)
+        self._row, self._row_step = {}, -1
+
+    def end_step(self) -> None:
+        """The step ended: commit its W&B row."""
+        if self.rank == 0:
+            self._commit()
+
+    def checkpoint(self, record: SaveRecord) -> None:
+        """A checkpoint is written (or staged) and not yet marked complete: log its stall and put every W&B
+        row up to its step on disk (offline: finish the segment; the next row opens the next one), so that no
+        checkpoint a relaunch can resume from has rows missing before it."""
+        self.log(record.step, {"checkpoint/stall_s": record.stall_s}, 0, console=False)
+        if self.rank != 0 or self.wandb is None:
+            return
+        self._commit()
+        if self.wandb.offline:
+            self._finish_wandb()
+
+    def _finish_wandb(self) -> None:
+        """Finish the W&B run (segment) and wait until its file is written: finish() returns before W&B's
+        service has written the last block, teardown() waits for the service to end, every file closed."""
+        import wandb
+
+        self.wandb.finish()
+        self.wandb = None
+        wandb.teardown()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.rank != 0:
+            return
+        self._commit()
         if self.wandb is not None:
-            self.wandb.finish()
+            self._finish_wandb()
+        if self._wandb_offline:
+            print(f"W&B (offline): wandb sync {self.wandb_dir} uploads this run's files", flush=True)
 
 
 def _hms(seconds: float) -> str:

@@ -59,7 +59,7 @@ from mor_pretrain.config import (
 from mor_pretrain.data import DataError, build_dataloader, load_tokenizer
 from mor_pretrain.data.tokenizer import padded_vocab_size
 from mor_pretrain.distributed import barrier, device_group, host_group, init_distributed
-from mor_pretrain.export import save_exported
+from mor_pretrain.export import export_problem, save_exported
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
 from mor_pretrain.metrics import (
     MetricLogger,
@@ -157,7 +157,8 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
     numbers), so every rank initializes the full model on its device from the same seed and keeps its
     shards: the same seed gives the same weights on any mesh of a device type, and a distributed run starts
     exactly where a single-process one does (the CPU and CUDA generators draw different numbers). The full
-    fp32 copy lives on the device until this returns.
+    fp32 copy is freed, and on a GPU its cached blocks returned and the peak statistics reset, once the
+    shards hold their values: the logged peaks are the training step's, not the build's.
     """
     with torch.device("meta"):
         model = MoRModel(cfg.model)
@@ -173,6 +174,10 @@ def build_model(cfg: JobConfig, mesh: DeviceMesh, device: torch.device) -> MoRMo
         reference = MoRModel(cfg.model)
         reference.init_weights()
     set_model_state_dict(model, reference.state_dict(), options=StateDictOptions(full_state_dict=True))
+    del reference
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     return model
 
 
@@ -436,7 +441,13 @@ def export_final(model: MoRModel, cfg: JobConfig, state: TrainState, rank: int) 
             "data": list(cfg.data.sources),
         }
         extra = {"tokenizer": cfg.data.tokenizer, "training": training}
-        save_exported(cfg.folder.export, cfg.model, sd, dtype=dtype, extra=extra)
+        try:
+            save_exported(cfg.folder.export, cfg.model, sd, dtype=dtype, extra=extra)
+        except OSError as e:  # a full disk, no permission: the run is saved, only its export is missing
+            raise CheckpointError(
+                f"{e}. The checkpoint of step {state.step} is complete: fix that and relaunch the same command "
+                f"to write the export"
+            ) from None
 
 
 def batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
@@ -485,11 +496,15 @@ def train(cfg: JobConfig) -> TrainState:
     finished_toml = resume(checkpointer, cfg, ck_states, ck_per_rank)
     if finished_toml is not None and state.step >= t.steps:
         nothing_to_do(cfg, finished_toml, state.step)
-        if not all((cfg.folder.export / f).is_file() for f in ("model.safetensors", "config.json")):
-            # stopped (SIGTERM, preemption) during its last step: saved, never exported
+        # Stopped (SIGTERM, preemption) during its last step: saved, never exported; or killed while
+        # exporting: the export is incomplete. Rank 0 decides for all (every rank joins the gather).
+        problem = [export_problem(cfg.folder.export) if par.rank == 0 else None]
+        dist.broadcast_object_list(problem, src=0, group=host_group())
+        if problem[0] is not None:
             export_final(model, cfg, state, par.rank)
             if par.rank == 0:
-                print(f"wrote the missing export of step {state.step} to {cfg.folder.export}", flush=True)
+                what = f"wrote the missing export of step {state.step} to {cfg.folder.export}"
+                print(f"{what} ({problem[0]})", flush=True)
         return finish(state, lock)
     if par.rank == 0:  # only now: a refused resume leaves the run's record of what it ran with
         cfg.folder.config.write_text(dump_toml(cfg))
@@ -543,10 +558,11 @@ def train(cfg: JobConfig) -> TrainState:
         stopped = preemption.should_stop()
         if stopped or checkpointer.should_save(state.step, last=state.step == t.steps):
             require_finite(losses, grad_norm, state.step, t.nonfinite)
-            record = checkpointer.save(state.step, ck_states, ck_per_rank, wait=stopped)
-            metrics.log(state.step, {"checkpoint/stall_s": record.stall_s}, state.step - first_step, console=False)
+            # the stall is logged, and the metrics up to this step put on disk, before the checkpoint counts
+            record = checkpointer.save(state.step, ck_states, ck_per_rank, wait=stopped, written=metrics.checkpoint)
             if par.rank == 0:
                 print(f"step {state.step}: checkpoint saved (training stalled {record.stall_s:.2f}s)", flush=True)
+        metrics.end_step()
 
     checkpointer.close()
     if state.skipped_steps - skipped_at_start == state.step - first_step > 0:

@@ -346,9 +346,12 @@ def test_pickle_in_a_dcp_byte_item_runs_nothing_and_names_the_file(tmp_path, key
     ck = Checkpointer(CheckpointConfig(), tmp_path / "ck")
     ck.save(1, {**states(model, opt), key: _PlantedState(marker)}, {})
     ckpt = step_dir(tmp_path / "ck", 1)
-    with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: item '{key}\.step' is not plain data"):
+    with pytest.raises(CheckpointError, match=rf"^{ckpt}/__0_0\.distcp: item '{key}\.step' is not plain data") as e:
         ck.load(ckpt, {**states(model, opt), key: _PlantedState(marker)}, {}, check_config=lambda _: None)
     assert not marker.exists()
+    message = str(e.value)  # one line: neither DCP's traceback text nor torch's page of advice
+    assert "\n" not in message and "\x1b" not in message and "trust" not in message and len(message) < 400
+    assert message.endswith("(UnpicklingError: Unsupported global: GLOBAL exec was not an allowed global by default)")
 
 
 @pytest.mark.parametrize("target", ["../outside.distcp", "/etc/passwd", "sub/__0_0.distcp"])
@@ -388,10 +391,44 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr("mor_pretrain.checkpoint.dcp.save", full)
     with pytest.raises(
-        CheckpointError, match=r"step-00000002 failed: No space left on device; the last .*step-00000001"
+        CheckpointError, match=r"step-00000002 failed: No space left on device; .*the last .*step-00000001"
     ):
         ck.save(2, states(model, opt), {})
     assert complete_steps(tmp_path) == [1]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize(("code", "words"), [(28, "No space left on device"), (13, "Permission denied")])
+def test_a_save_that_fails_mid_write_removes_its_folder_and_names_the_cause(
+    tmp_path, monkeypatch, code, words, async_save
+):
+    """The writer fails after its first item (a disk that fills, a permission lost mid-save): one line naming
+    the cause, the partial step folder removed, the last complete checkpoint kept, and the next save works."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3, async_save=async_save), tmp_path)
+    ck.save(1, states(model, opt), {}, wait=True)
+    original, calls = fs._write_item, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(code, os.strerror(code))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "_write_item", failing)
+    with pytest.raises(CheckpointError) as e:
+        ck.save(2, states(model, opt), {})
+        ck.close()  # an async save fails when it is waited for
+    assert len(calls) > 1  # it failed mid-write, not before
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"saving checkpoint {step_dir(tmp_path, 2)} failed: {words}")
+    assert "partial folder was removed" in message and f"{step_dir(tmp_path, 1)}, is intact" in message
+    assert not step_dir(tmp_path, 2).exists() and complete_steps(tmp_path) == [1]
+    monkeypatch.setattr(fs, "_write_item", original)
+    ck.save(2, states(model, opt), {}, wait=True)
+    assert complete_steps(tmp_path) == [1, 2]
 
 
 def test_damaged_or_missing_files_are_named_with_the_last_good_checkpoint(tmp_path):
@@ -436,6 +473,24 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         ck.save(2, states(model, opt), {})
     assert complete_steps(tmp_path) == [1] and not step_dir(tmp_path, 2).exists()
+
+
+def test_a_checkpoint_holding_nan_weights_is_never_resumed_from(tmp_path):
+    """Written otherwise than by a save (which refuses them): a resume names the tensor and the last good one."""
+    import torch.distributed.checkpoint as dcp
+
+    from mor_pretrain.checkpoint import mark_complete
+
+    model, opt = make()
+    ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
+    ck.save(1, states(model, opt), {})
+    with torch.no_grad():
+        model.norm.weight[3] = float("inf")
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(step_dir(tmp_path, 2)))
+    mark_complete(step_dir(tmp_path, 2), 2)
+    fresh, fresh_opt = make(seed=1)
+    with pytest.raises(CheckpointError, match=r"step-00000002: tensor norm.weight holds NaN or inf.*step-00000001"):
+        _load(ck, step_dir(tmp_path, 2), fresh, fresh_opt)
 
 
 def test_skipped_checkpoint_folders_are_logged_with_the_reason(tmp_path, caplog):

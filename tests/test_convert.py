@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mor_pretrain.checkpoint import COMPLETE, load_dcp_model, mark_complete
 from mor_pretrain.config import JobConfig, RunFolder, TrainingConfig, dump_toml
 from mor_pretrain.convert import dcp_to_export, export_to_dcp, load_hf_llama, to_hf_llama, unpermute_qk, upcycle
 from mor_pretrain.distributed import barrier, host_group
-from mor_pretrain.export import load_exported
+from mor_pretrain.export import load_exported, save_exported
 from mor_pretrain.integrations.hf import save_hf
 from mor_pretrain.models import MoRModel
 from mor_pretrain.models.layers import apply_rope, rope_table
@@ -251,3 +252,171 @@ def test_upcycle_random_keeps_only_embeddings_and_edges_and_identity_is_exact():
         upcycle(src.args, sd, src.args, "middle")
     with pytest.raises(ValueError, match="d_ffn"):
         upcycle(src.args, sd, tiny_args(d_ffn=48), "lower")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a model folder of any format cannot make a reader do (hostile audit)
+
+
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_error_line(capsys) -> str:
+    """The one `error:` line a command printed last on stderr (after its progress lines), no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+BAD = "stack.layers.1.feed_forward.w2.weight"
+
+
+def _with_nan(model):
+    with torch.no_grad():
+        model.state_dict()[BAD][3, 5] = float("nan")
+    return model
+
+
+def test_nan_weights_in_a_checkpoint_are_never_used_or_exported(tmp_path, capsys):
+    """A DCP checkpoint holding NaN (hand-made, or older than the save's own check): to-export, evaluation and
+    generation refuse it naming the tensor, and no export is written."""
+    from mor_pretrain.evaluate import load_for_eval
+
+    ckpt = write_run_checkpoint(tmp_path / "run", _with_nan(tiny_model()))
+    out = tmp_path / "export"
+    assert _tool("convert_checkpoint").main(["to-export", str(ckpt), str(out)]) == 1
+    assert f"tensor {BAD} holds NaN or inf" in _one_error_line(capsys)
+    assert not (out / "model.safetensors").exists()
+    for folder in (ckpt, tmp_path / "run"):
+        with pytest.raises(ValueError, match=rf"checkpoint {ckpt}: tensor {BAD} holds NaN or inf"):
+            load_for_eval(folder)  # what tools/eval.py runs
+    argv = [str(ckpt), "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu"]
+    assert _tool("generate").main(argv) == 2
+    assert f"tensor {BAD} holds NaN or inf" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("router", ["none", "expert"])  # a Llama folder, a MoR remote-code folder
+def test_nan_weights_in_a_transformers_folder_are_refused(tmp_path, capsys, router):
+    from mor_pretrain.evaluate import load_for_eval
+
+    kw = dict(num_recursions=1, sharing="cycle") if router == "none" else dict(router=router)
+    model = _with_nan(tiny_model(**kw))
+    hf = save_hf(tmp_path / "hf", model.args, model.state_dict(), tokenizer="default", progress=False)
+    with pytest.raises(ValueError, match=rf"tensor {BAD} holds NaN or inf"):
+        load_for_eval(hf)
+    assert _tool("convert_checkpoint").main(["upcycle", str(hf), str(tmp_path / "up"), "--config", "x.toml"]) == 1
+    assert "NaN or inf" in _one_error_line(capsys) and not (tmp_path / "up").exists()
+    if router == "none":
+        assert _tool("convert_checkpoint").main(["from-hf", str(hf), str(tmp_path / "from")]) == 1
+        assert "NaN or inf" in _one_error_line(capsys) and not (tmp_path / "from" / "model.safetensors").exists()
+
+
+def test_a_max_seq_len_the_weights_do_not_back_is_refused_in_every_format(tmp_path):
+    """max_seq_len sizes the RoPE table alone: a checkpoint's config.toml or a transformers folder's config.json
+    giving 10**9 is refused before any model is built (evaluation would allocate 128 GB)."""
+    from mor_pretrain.export import open_model
+
+    huge = 10**9
+    model = tiny_model()
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    cfg = JobConfig(model=dataclasses.replace(model.args, max_seq_len=huge), training=TrainingConfig(seq_len=16))
+    (ckpt / "config.toml").write_text(dump_toml(cfg))
+    mark_complete(ckpt, 3)
+    with pytest.raises(ValueError, match=rf"config.toml: max_seq_len {huge} would need a .* RoPE table"):
+        open_model(ckpt, progress=False)
+    for router in ("none", "expert"):
+        m = tiny_model(router=router, num_recursions=1 if router == "none" else 3)
+        hf = save_hf(tmp_path / f"hf_{router}", m.args, m.state_dict(), progress=False)
+
+        meta = json.loads((hf / "config.json").read_text())
+        if router == "none":
+            meta["max_position_embeddings"] = huge
+        else:
+            meta["mor"]["max_seq_len"] = huge
+        (hf / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=rf"config.json: max_seq_len {huge} would need"):
+            open_model(hf, progress=False)
+
+
+def _outside_tokenizer(tmp_path):
+    from mor_pretrain.data.tokenizer import default_tokenizer_path
+
+    outside = tmp_path / "elsewhere" / "secret.model"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes(default_tokenizer_path().read_bytes())
+    return outside
+
+
+@pytest.mark.parametrize("where", ["outside", "/etc/passwd"])
+def test_a_checkpoints_config_cannot_name_a_tokenizer_outside_its_folder(tmp_path, capsys, where):
+    """A checkpoint read offline (conversion, evaluation) takes its tokenizer from its own folder, or the
+    built-in one; the path its config.toml names may point anywhere and is never opened."""
+    from mor_pretrain.evaluate import load_for_eval
+
+    spec = str(_outside_tokenizer(tmp_path)) if where == "outside" else where
+    model = tiny_model()
+    ckpt = write_run_checkpoint(tmp_path / "run", model)
+    cfg = JobConfig(model=model.args, training=TrainingConfig(seq_len=16))
+    cfg.data.tokenizer = spec
+    (ckpt / "config.toml").write_text(dump_toml(cfg))
+    mark_complete(ckpt, 3)
+    rule = "must be a file of that folder (tokenizer.model or tokenizer.json) or the built-in 'default'"
+    named = rf"config.toml names the tokenizer '{spec}', .* no copy of it: .*{re.escape(rule)}"
+    with pytest.raises(ValueError, match=named):
+        load_for_eval(ckpt)
+    assert _tool("convert_checkpoint").main(["to-export", str(ckpt), str(tmp_path / "export")]) == 1
+    assert rule in _one_error_line(capsys)
+    if where == "outside":  # the user's own job config, passed on the command line, is theirs to point anywhere
+        (tmp_path / "job.toml").write_text(dump_toml(cfg))
+        argv = ["to-export", str(ckpt), str(tmp_path / "export"), "--config", str(tmp_path / "job.toml")]
+        assert _tool("convert_checkpoint").main(argv) == 0
+        assert (tmp_path / "export" / "tokenizer.model").read_bytes() == Path(spec).read_bytes()
+
+
+def test_a_checkpoint_carries_its_tokenizer_and_a_link_out_of_it_is_refused(tmp_path):
+    """Saves copy the run's tokenizer into the checkpoint (under its manifest), so it is read offline with
+    that copy; a copy replaced by a link out of the folder is refused."""
+    import sentencepiece as spm
+
+    from mor_pretrain.checkpoint import Checkpointer, CheckpointError, ModelState, step_dir
+    from mor_pretrain.config import CheckpointConfig
+    from mor_pretrain.evaluate import load_for_eval
+
+    outside = _outside_tokenizer(tmp_path)
+    model = tiny_model()
+    cfg = JobConfig(model=model.args, training=TrainingConfig(seq_len=16))
+    cfg.data.tokenizer = str(outside)
+    ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", config_toml=dump_toml(cfg))
+    ck.save(1, {"model": ModelState(model)}, {})
+    ckpt = step_dir(tmp_path / "ck", 1)
+    assert (ckpt / "tokenizer.model").read_bytes() == outside.read_bytes()
+    outside.write_bytes(b"changed after the run")  # the checkpoint does not depend on it any more
+    _, tok, _ = load_for_eval(ckpt)
+    want = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model")).encode("the router")
+    assert tok.encode("the router") == want
+    (ckpt / "tokenizer.model").unlink()
+    (ckpt / "tokenizer.model").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"tokenizer.model resolves to .*secret.model, outside the checkpoint"):
+        load_for_eval(ckpt)
+
+
+@pytest.mark.parametrize("kind", ["export", "hf"])
+def test_a_tokenizer_linked_out_of_a_model_folder_is_refused(tmp_path, kind):
+    from mor_pretrain.evaluate import load_for_eval
+
+    model = tiny_model(router="expert")
+    if kind == "export":
+        folder = save_exported(tmp_path / "e", model.args, model.state_dict(), extra={"tokenizer": "default"})
+    else:
+        folder = save_hf(tmp_path / "hf", model.args, model.state_dict(), tokenizer="default", progress=False)
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.model").symlink_to(_outside_tokenizer(tmp_path))
+    with pytest.raises(ValueError, match=r"tokenizer.model: it resolves to .*secret.model, outside its folder"):
+        load_for_eval(folder)

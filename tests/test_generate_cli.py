@@ -141,6 +141,7 @@ def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_p
     run.mkdir()
     (run / "config.toml").write_text(dump_toml(cfg))
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
+    (ckpt / "tokenizer.model").write_bytes(Path(meta["tokenizer_source"]).read_bytes())  # a save's own copy
     mark_complete(ckpt, 2)  # the checksum manifest a trainer save writes
     _, texts = expected(export_dir, ["the router"], max_new_tokens=5)
     for src in (run, ckpt):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import ROOT, write_corpus
+from wandb_records import read_wandb_records
 
 from mor_pretrain.checkpoint import COMPLETE, complete_steps, load_dcp_model
 from mor_pretrain.config import load_config
@@ -192,6 +193,23 @@ def test_a_resumed_run_logs_each_step_once_and_a_run_stopped_in_its_last_step_ge
     assert load_exported(run / "export")[1]
 
 
+def test_a_relaunch_repairs_an_export_a_crash_left_half_written(tmp_path):
+    """A kill while config.json was written in place left it truncated, and the relaunch said "nothing to do"
+    over an unreadable export. The relaunch checks the export, not only that its files exist, and rewrites it.
+    The checkpoint carries the run's tokenizer, so it is read offline without the path its config names."""
+    args = ["--training.steps=2", "--checkpoint.interval=0", "--training.val_interval=0"]
+    ok(launch(tmp_path, *args, nproc=1))
+    run = tmp_path / "runs" / "debug_mor"
+    ckpt = run / "checkpoints" / "step-00000002"
+    assert (ckpt / "tokenizer.model").read_bytes() == (tmp_path / "data" / "tok.model").read_bytes()
+    assert load_dcp_model(ckpt, progress=False)[2]["tokenizer"] == str((ckpt / "tokenizer.model").resolve())
+    cfg = run / "export" / "config.json"
+    cfg.write_bytes(cfg.read_bytes()[:200])
+    proc = ok(launch(tmp_path, *args, nproc=1))
+    assert "nothing to do" in proc.stdout and "wrote the missing export of step 2" in proc.stdout
+    assert load_exported(run / "export")[1]["training"]["steps"] == 2
+
+
 def test_workers_save_and_exit_when_their_launcher_is_killed(tmp_path):
     """`kill -9` on torchrun alone: its workers notice the new parent at their next step, save, exit and
     release the run lock; the same command resumes from that checkpoint."""
@@ -228,30 +246,6 @@ def test_workers_save_and_exit_when_their_launcher_is_killed(tmp_path):
         subprocess.run(["pkill", "-9", "-f", f"--run_root={tmp_path / 'runs'}"], check=False)
     resumed = ok(launch(tmp_path, "--training.steps=" + str(steps[-1] + 1), "--training.val_interval=0"))
     assert f"step-{steps[-1]:08d}" in resumed.stdout
-
-
-def read_wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file (<run>/wandb/offline-run-*/run-<id>.wandb): 32 KiB blocks of
-    records, each a 7-byte header (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last)
-    and a wandb_internal_pb2.Record, after a 7-byte file header."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, records, pos, part = path.read_bytes(), [], 7, b""
-    while pos + 7 <= len(data):
-        if (pos % 32768) + 7 > 32768:  # the rest of a block is padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if length == 0 and kind == 0:
-            break
-        part += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(part)
-            records.append(record)
-            part = b""
-    return records
 
 
 def test_wandb_backend_logs_offline_and_a_resumed_run_continues_the_same_run(tmp_path):
