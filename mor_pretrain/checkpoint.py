@@ -77,6 +77,7 @@ from mor_pretrain.export import (
     io_cause,
 )
 from mor_pretrain.models import ModelArgs, MoRModel
+from mor_pretrain.models.mor import STRUCTURAL_FIELDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -740,23 +741,12 @@ class Checkpointer:
         self.finish_pending()
 
 
-# Keys whose change makes a checkpoint meaningless for this run: they change parameter shapes or what the
-# parameters compute with (token ids, window length). Everything else (lr, schedule, intervals, ...) may change.
+# Keys whose change makes a checkpoint meaningless for this run: the model fields that change what the weights
+# mean (models.mor.STRUCTURAL_FIELDS, the one list; every other model field is NON_STRUCTURAL_FIELDS), the
+# token ids (tokenizer) and the window length (seq_len). Everything else (lr, schedule, loss coefficients,
+# intervals, ...) may change.
 STRUCTURAL_KEYS = {
-    "model": [
-        "vocab_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "d_ffn",
-        "num_recursions",
-        "sharing",
-        "router",
-        "router_arch",
-        "aux_router",
-        "tie_embeddings",
-    ],
+    "model": list(STRUCTURAL_FIELDS),
     "data": ["tokenizer"],
     "training": ["seq_len"],
 }

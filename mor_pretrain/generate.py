@@ -62,8 +62,8 @@ class DepthControl:
         if self.threshold is not None:
             if not a.topk_routing:
                 raise ValueError(
-                    "threshold moves the fixed causal threshold of top-k-trained expert choice; this model's "
-                    f"router is {a.router!r}" + (" with learned thresholds" if a.router == "expert" else "")
+                    "threshold moves the fixed causal threshold of top-k-trained expert choice (expert-topk); "
+                    f"this model's router is {a.router_kind}"
                 )
             if not 0.0 < self.threshold < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")

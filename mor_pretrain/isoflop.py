@@ -78,18 +78,16 @@ def model_family(args: ModelArgs) -> str:
 
 
 def model_variant(args: ModelArgs) -> str:
-    """The family with what tells its members apart: vanilla, recursive Nr=2, recursive Nr=2 (router gate),
-    MoR expert Nr=3 (KV share), MoR expert-threshold Nr=2 (alpha 1)."""
+    """The family with what tells its members apart: vanilla, recursive Nr=2, recursive Nr=2 (expert-topk
+    router gate), MoR expert-topk Nr=3 (KV share), MoR expert-threshold Nr=2 (alpha 1). The router and its
+    rule are named by ModelArgs.router_kind, never worked out here again."""
     family = model_family(args)
     if family == "vanilla":
         return family
-    if family == "recursive":
-        kind = "recursive"
-    else:
-        kind = f"MoR {args.router}" + ("-threshold" if args.router == "expert" and not args.topk_routing else "")
+    kind = "recursive" if family == "recursive" else f"MoR {args.router_kind}"
     notes = []
     if family == "recursive" and args.router != "none":
-        notes.append("router gate")
+        notes.append(f"{args.router_kind} router gate")
     if args.recursion_gate:
         notes.append(f"gate {args.recursion_gate:g}")
     if args.router != "none" and args.router_alpha != ModelArgs.router_alpha:

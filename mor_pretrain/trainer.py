@@ -634,7 +634,8 @@ def create_seed(checkpointer: Checkpointer, model: MoRModel) -> None:
 
 def resume(checkpointer: Checkpointer, cfg: JobConfig, states: dict[str, Any], per_rank: dict[str, Any]) -> str | None:
     """Load the run's latest (or checkpoint.load_step) checkpoint, else checkpoint.init_from, else nothing.
-    A checkpoint whose config differs in a structural key (model shape, tokenizer, seq_len) is refused.
+    A checkpoint whose config differs in a structural key (checkpoint.STRUCTURAL_KEYS: what the weights mean,
+    the tokenizer, seq_len) is refused in one line naming each such key and both values.
     Returns the config the run's own checkpoint was saved with (None for init_from or a fresh start)."""
     step = checkpointer.resolve_load_step()
     if step is not None:

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 dest=wheels
 mkdir -p "$dest"
-pure=(torchdata==0.11.0 tqdm pytest pluggy iniconfig packaging pygments tomli exceptiongroup)
+pure=(torchdata==0.11.0 tqdm pytest pluggy iniconfig packaging pygments tomli tomli_w exceptiongroup)
 "$PYTHON" -m pip download -q --no-deps --dest "$dest" --only-binary=:all: --platform any --implementation py \
     --python-version 3.10 "${pure[@]}"
 "$PYTHON" -m pip download -q --no-deps --dest "$dest" --only-binary=:all: --platform manylinux2014_x86_64 \

@@ -45,7 +45,7 @@ mkdir -p "$work/extra"
 
 # Modules the project and its tests import -> the wheel providing each (see scripts/fetch_wheels.sh).
 deps=$(realpath -m "${GPU_DEPS:-build/gpu-deps}")
-need="torchdata safetensors tqdm pytest pluggy iniconfig packaging pygments"
+need="torchdata safetensors tomli_w tqdm pytest pluggy iniconfig packaging pygments"
 "$PYTHON" -c "import sys; sys.exit(sys.version_info >= (3, 11))" && need+=" tomli exceptiongroup"
 # Missing is what does not import (an import, not a lookup: a broken install counts as missing too).
 read -ra missing < <(PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "

@@ -252,6 +252,64 @@ def test_structural_config_changes_are_named_and_safe_ones_allowed():
     assert any(d.startswith("model.router") for d in diffs) and len(diffs) == 2
 
 
+def test_every_model_field_is_classified_structural_or_not():
+    """A new ModelArgs field must be put in one of the two tuples: a forgotten one fails here."""
+    import dataclasses
+
+    from mor_pretrain.checkpoint import STRUCTURAL_KEYS
+    from mor_pretrain.models import ModelArgs
+    from mor_pretrain.models.mor import NON_STRUCTURAL_FIELDS, STRUCTURAL_FIELDS
+
+    names = [f.name for f in dataclasses.fields(ModelArgs)]
+    assert not set(STRUCTURAL_FIELDS) & set(NON_STRUCTURAL_FIELDS)
+    assert sorted([*STRUCTURAL_FIELDS, *NON_STRUCTURAL_FIELDS]) == sorted(names)
+    assert STRUCTURAL_KEYS["model"] == list(STRUCTURAL_FIELDS)
+    # What the weights mean, by hand: a checkpoint of one of these resumed as another is a different model.
+    meaning = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ffn", "tie_embeddings", "sharing"}
+    meaning |= {"num_recursions", "router", "router_arch", "aux_router", "expert_rule", "capacities", "kv_mode"}
+    meaning |= {"recursion_gate", "router_alpha", "router_activation", "rope_theta", "norm_eps"}
+    assert meaning == set(STRUCTURAL_FIELDS)
+    assert {"aux_loss_coef", "z_loss_coef", "balance_loss_coef", "init_std"} <= set(NON_STRUCTURAL_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("key", "saved", "resumed"),
+    [("expert_rule", "topk", "threshold"), ("kv_mode", "recursion", "share"), ("router_alpha", 0.1, 1.0)],
+)
+def test_a_resume_under_another_structural_value_is_one_line_naming_it(tmp_path, key, saved, resumed):
+    """A top-k checkpoint resumed as expert-threshold (or with another KV mode, gate scale) is refused before
+    anything loads, in one line naming the field and both values."""
+    import dataclasses
+
+    from conftest import tiny_args
+
+    from mor_pretrain.config import ConfigError, JobConfig, TrainingConfig, dump_toml
+    from mor_pretrain.models import MoRModel
+    from mor_pretrain.trainer import resume
+
+    def job(value):
+        cfg = JobConfig(model=tiny_args(router="expert", **{key: value}), training=TrainingConfig(seq_len=16))
+        cfg.validate()
+        return cfg
+
+    old, new = job(saved), job(resumed)
+    model = MoRModel(old.model)
+    model.init_weights()
+    Checkpointer(CheckpointConfig(), tmp_path, config_toml=dump_toml(old)).save(1, {"model": ModelState(model)}, {})
+    fresh = MoRModel(new.model)
+    with pytest.raises(ConfigError) as e:
+        resume(Checkpointer(new.checkpoint, tmp_path), new, {"model": ModelState(fresh)}, {})
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot resume from {step_dir(tmp_path, 1)}" in msg
+    assert msg.endswith(f"model.{key}: checkpoint has {saved!r}, this run has {resumed!r}"), msg
+    # A field that changes only training (a loss coefficient, the threshold's update rate) is no difference.
+    from mor_pretrain.checkpoint import config_differences
+    from mor_pretrain.config import config_to_dict
+
+    new.model = dataclasses.replace(old.model, aux_loss_coef=0.5, threshold_rate=0.5, causal_threshold=0.3)
+    assert config_differences(dump_toml(old), config_to_dict(new)) == []
+
+
 def test_preemption_signal_sets_flag_single_process():
     from mor_pretrain.checkpoint import PreemptionWatcher
 

@@ -124,7 +124,7 @@ def test_folder_loads_without_the_project_package(tmp_path):
     assert config["dtype"] == "float32" and config["transformers_version"] == transformers.__version__
     assert "torch_dtype" not in config
     card = (folder / "README.md").read_text()
-    assert "Mixture-of-Recursions: expert-choice routing, Nr=3" in card and "trust_remote_code=True" in card
+    assert "Mixture-of-Recursions: expert-topk routing, Nr=3" in card and "trust_remote_code=True" in card
     x = torch.randint(0, 97, (1, 12))
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x, routing="causal").logits, tmp_path / "want.pt")

@@ -248,7 +248,7 @@ def test_report_reads_runs_into_table_and_plots(tmp_path):
     assert r["mor"].eval_acc == {"topk": pytest.approx(0.7), "causal": pytest.approx(0.65)}
     assert r["van_short"].eval_acc == {}
     assert (r["van"].family, r["mor"].family) == ("vanilla", "mor")
-    assert (r["van"].variant, r["mor"].variant) == ("vanilla", "MoR expert Nr=3")
+    assert (r["van"].variant, r["mor"].variant) == ("vanilla", "MoR expert-topk Nr=3")
     assert r["van"].params > r["mor"].params > 0  # the recursive model shares its middle layers
     assert 0 <= r["van"].wall_s < 60
     lines = table.splitlines()
@@ -299,17 +299,20 @@ def test_variants_tell_the_mor_configs_apart():
         return model_variant(cfg_of(name, *overrides).model)
 
     assert variant("vanilla_360m") == "vanilla" and variant("recursive_360m") == "recursive Nr=3"
-    assert variant("mor_360m") == "MoR expert Nr=3"
+    assert variant("mor_360m") == "MoR expert-topk Nr=3"
     assert variant("mor_360m", "--model.router=token", "--model.num_recursions=2", "--model.n_layers=30") == (
         "MoR token Nr=2"
     )
-    assert variant("mor_360m", "--model.kv_mode=share") == "MoR expert Nr=3 (KV share)"
+    assert variant("mor_360m", "--model.kv_mode=share") == "MoR expert-topk Nr=3 (KV share)"
     assert variant("mor_360m", "--model.expert_rule=threshold", "--model.router_alpha=1") == (
         "MoR expert-threshold Nr=3 (alpha 1)"
     )
     # Expert choice that keeps every token routes nothing: the recursive family, with MoR's gate.
     gate_only = cfg_of("mor_360m", "--model.capacities=[1.0, 1.0, 1.0]").model
-    assert model_variant(gate_only) == "recursive Nr=3 (router gate)" and model_family(gate_only) == "recursive"
+    assert (
+        model_variant(gate_only) == "recursive Nr=3 (expert-topk router gate)"
+        and model_family(gate_only) == "recursive"
+    )
     assert variant("recursive_360m", "--model.recursion_gate=0.05") == "recursive Nr=3 (gate 0.05)"
 
 
@@ -366,13 +369,13 @@ def test_study_configs_differ_only_in_the_model():
     assert {k: model_variant(c.model) for k, c in cfgs.items()} == {
         "vanilla": "vanilla",
         "recursive_nr2": "recursive Nr=2",
-        "mor_expert_nr2": "MoR expert Nr=2",
-        "mor_expert_nr3": "MoR expert Nr=3",
+        "mor_expert_nr2": "MoR expert-topk Nr=2",
+        "mor_expert_nr3": "MoR expert-topk Nr=3",
         "mor_token_nr3": "MoR token Nr=3",
-        "mor_expert_nr2_alpha1": "MoR expert Nr=2 (alpha 1)",
+        "mor_expert_nr2_alpha1": "MoR expert-topk Nr=2 (alpha 1)",
         "mor_threshold_nr2": "MoR expert-threshold Nr=2",
         "recursive_nr2_gate": "recursive Nr=2 (gate 0.05)",
-        "recursive_nr2_router_gate": "recursive Nr=2 (router gate)",
+        "recursive_nr2_router_gate": "recursive Nr=2 (expert-topk router gate)",
     }
     runs = {k: plan_config(c, k, [2.4e13, 1.2e13, 6e12]) for k, c in cfgs.items()}
     params = {k: r[0].non_embedding_params for k, r in runs.items()}

@@ -4,7 +4,7 @@ folder or a run folder (its export, else its latest complete checkpoint), as too
 python tools/generate.py runs/mor_360m/export --prompt "The capital of France is" --max-new-tokens 40
   sampling: --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
   stopping: --stop "\\n\\n" (backslash escapes as in Python strings; eos always stops)
-  test-time depth: --max-depth 2 | --full-depth | --threshold 0.4 (expert choice)
+  test-time depth: --max-depth 2 | --full-depth | --threshold 0.4 (expert-topk models)
   --engine --slots 8: serve all prompts with the continuous depth-wise batching engine
 One prompt streams its text as it is generated; several print one completion each. The depth
 distribution of the generated tokens goes to stderr. --json prints one JSON object instead.
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-depth", type=int, default=0, help="cap on recursion steps; 0 = none")
     p.add_argument("--full-depth", action="store_true", help="every token runs every recursion step")
-    p.add_argument("--threshold", type=float, default=None, help="expert-choice routing threshold")
+    p.add_argument("--threshold", type=float, default=None, help="expert-topk models: the causal routing threshold")
     p.add_argument("--engine", action="store_true", help="use the continuous depth-wise batching engine")
     p.add_argument("--slots", type=int, default=8, help="engine slots")
     p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")

@@ -152,11 +152,14 @@ def save_hf(
 def model_card(args: ModelArgs, config: dict[str, Any], params: int, about: dict[str, Any]) -> str:
     """README.md of a transformers folder: what the model is, how it was trained, how to load it."""
     remote = config["model_type"] == "mor"
-    kind = "vanilla" if args.num_recursions == 1 else f"recursive, Nr={args.num_recursions}, {args.sharing} sharing"
+    # The router and its rule by their one name (ModelArgs.router_kind), never worked out here again.
+    kind = args.router_kind
+    if args.num_recursions > 1:
+        kind += f", Nr={args.num_recursions}, {args.sharing} sharing"
     if args.router != "none":
         caps = ", ".join(f"{c:.3g}" for c in args.step_capacities)
-        rule = " (expert-threshold, causal)" if args.router == "expert" and not args.topk_routing else ""
-        kind = f"Mixture-of-Recursions: {args.router}-choice routing{rule}, Nr={args.num_recursions}, capacities {caps}"
+        causal = "" if args.topk_routing else " (causal)"
+        kind = f"Mixture-of-Recursions: {args.router_kind} routing{causal}, Nr={args.num_recursions}, capacities {caps}"
     lines = [
         "---",
         "library_name: transformers",

@@ -93,8 +93,10 @@ class ModelArgs:
 
     @property
     def router_kind(self) -> str:
-        """The router and its rule as estimate.DOCUMENTED_SYNCS names them: vanilla, recursive (router none),
-        expert-topk, expert-threshold or token."""
+        """The one name of the model's router and its rule: vanilla, recursive (router none), expert-<rule>
+        (expert-topk, expert-threshold) or token. Everything that names the rule (estimate.DOCUMENTED_SYNCS,
+        model cards, isoFLOP labels, generation errors) reads this, never router / expert_rule, so a new rule
+        is named wherever the model is described."""
         if self.router == "none":
             return "recursive" if self.num_recursions > 1 else "vanilla"
         return f"expert-{self.expert_rule}" if self.router == "expert" else self.router
@@ -201,6 +203,54 @@ class ModelArgs:
         for key in non_negative:
             if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
                 bad(key, f"must be a finite number >= 0, got {getattr(self, key)}")
+
+
+# Every ModelArgs field is in exactly one of these two tuples (tests/test_checkpoint.py checks it), so a new
+# field cannot be forgotten. STRUCTURAL: fields that change what the weights mean, i.e. the function a
+# checkpoint's tensors compute (shapes, which modules exist, how layers are shared and routed, the gate, the
+# rule, the capacities, the KV mode, RoPE's base, the norm epsilon): checkpoint.STRUCTURAL_KEYS refuses a
+# resume under another value.
+STRUCTURAL_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ffn",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "num_recursions",
+    "sharing",
+    "router",
+    "router_arch",
+    "router_alpha",
+    "router_activation",
+    "capacities",
+    "aux_router",
+    "expert_rule",
+    "recursion_gate",
+    "kv_mode",
+)
+# Fields that change training or test-time behaviour only, never what a saved tensor means, so a resume may
+# change them: loss coefficients and update rates (aux_loss_coef, z_loss_coef, aux_router_coef,
+# balance_loss_coef, bias_update_rate, threshold_rate: how the next steps train), balancing (whether the
+# token-choice bias moves and the loss is added; the saved bias steers selection either way), init_std (used
+# only before step 0), max_seq_len (the longest sequence accepted: RoPE's value at a position does not depend
+# on it) and causal_threshold (top-k expert choice's test-time decision threshold, which generation's
+# --threshold moves too; top-k training never reads it).
+NON_STRUCTURAL_FIELDS = (
+    "max_seq_len",
+    "init_std",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "aux_router_coef",
+    "causal_threshold",
+    "threshold_rate",
+    "balancing",
+    "balance_loss_coef",
+    "bias_update_rate",
+)
 
 
 # Training without logits to return: when a micro-batch's logits exceed this many elements, the LM head and
