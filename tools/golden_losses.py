@@ -31,10 +31,18 @@ CONFIGS = {
 
 
 def environment() -> dict[str, str]:
-    """What the floats depend on besides the code: torch's version and the CPU kernels it dispatches to."""
+    """What the floats depend on besides the code: torch's version, the CPU kernels it dispatches to, and the
+    processor's instruction set (two AVX512 machines with other extensions gave losses 1e-6 apart)."""
+    import hashlib
+
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    cpu = torch.backends.cpu.get_cpu_capability()
+    info = Path("/proc/cpuinfo")  # Linux; elsewhere the flags are unknown and compare as "?"
+    lines = info.read_text().splitlines() if info.exists() else []
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    isa = hashlib.sha1(" ".join(sorted(flags.split(":")[-1].split())).encode()).hexdigest()[:12] if flags else "?"
+    return {"torch": torch.__version__, "cpu_capability": cpu, "cpu_flags": isa}
 
 
 def train_losses(config: str, overrides: list[str], run_root: Path) -> list[float]:
