@@ -7,10 +7,11 @@ Runs as one process, or one process per device under torchrun:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # the package (and torch) load once the arguments parse: --help answers at once
     from mor_pretrain.config import JobConfig
@@ -78,21 +79,79 @@ def user_message(e: Exception) -> str:
     return text
 
 
-def first_to_fail() -> bool:
-    """Whether this process reports the job's error, so a job prints it once rather than once per rank.
+# How long a rank that stays quiet about its failure waits for the rank that reports it to have printed
+# (printing takes well under a second; the wait ends as soon as it has).
+REPORT_WAIT_S = 30.0
 
-    Before the process group exists every rank fails the same way, so rank 0 reports. After, the first rank
-    to fail claims the report in the launcher's store: the others are either failing the same way or failing
-    because that rank left (a collective with a closed peer), and stay quiet.
-    """
+
+def job_store() -> Any:
+    """The key-value store every rank of this launch shares, or None: the default group's, or before the
+    group exists the one torchrun's agent serves at MASTER_ADDR:MASTER_PORT (which the group's store then
+    becomes: the same keys, through the same prefix)."""
+    import datetime
+
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return int(os.environ.get("RANK", "0")) == 0
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None  # one process, or a launcher that serves no store
+    timeout = datetime.timedelta(seconds=10)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore("default_pg", store)
+
+
+def report_failure(line: str | None) -> None:
+    """Print this rank's failure, `line` or (None) the current exception's traceback, unless another rank
+    reports it; return once what this rank stays quiet about has been printed.
+
+    A job prints each distinct error line once, from whichever rank finds it first, and a traceback only when
+    it is the job's first failure (a rank that fails later, in a collective with a departed peer, reports a
+    consequence, not news). Ranks claim their reports in the launch's store, and a rank that stays quiet waits
+    until the claimant has printed: torchrun stops every rank as soon as one exits, which could otherwise
+    stop the claimant between its claim and its print, and the job would end without a word. Without a store
+    (one process; another launcher before the process group exists, where every rank fails the same way)
+    rank 0 reports and the others give it a moment.
+    """
+    import datetime
+    import hashlib
+    import time
+    import traceback
+
+    def show() -> None:
+        if line is None:
+            traceback.print_exc()
+        else:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+
+    prefix = f"mor_pretrain/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     try:
-        return bool(dist.distributed_c10d._get_default_store().add("mor_pretrain/error_reports", 1) == 1)
-    except Exception:  # the store went away with the launcher: better twice than never
-        return True
+        store = job_store()
+        if store is not None:
+            first = store.add(prefix + "count", 1) == 1
+            if line is None:
+                mine, printed = first, prefix + "printed/first"
+            else:
+                what = hashlib.sha1(line.encode()).hexdigest()
+                mine, printed = store.add(prefix + "claim/" + what, 1) == 1, prefix + "printed/" + what
+    except Exception:  # the launcher, and its store, went away: better twice than never
+        show()
+        return
+    if store is None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            show()
+        else:
+            time.sleep(2.0)
+        return
+    # Errors from the store: the claimant died before it printed, or the launcher went away.
+    with contextlib.suppress(Exception):
+        if mine:
+            show()
+        else:
+            store.wait([printed], datetime.timedelta(seconds=REPORT_WAIT_S))
+        for key in ([printed] if mine else []) + ([prefix + "printed/first"] if first else []):
+            store.set(key, "1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", type=int, metavar="WORLD_SIZE", help="only check the config and model")
     args, overrides = parser.parse_known_args(argv)
     from mor_pretrain import trainer
-    from mor_pretrain.config import ConfigError, load_config
+    from mor_pretrain.config import ConfigError, error_source, load_config
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(message)s")
@@ -111,16 +170,14 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 dry_run(cfg, args.dry_run)
             except ValueError as e:  # mesh and batch arithmetic that the config alone cannot check
-                raise ConfigError(f"{args.config}: {e}") from None
+                raise ConfigError(f"{error_source(str(e), args.config, overrides)}: {e}") from None
             return
         trainer.train(cfg)
     except user_errors() as e:
-        if first_to_fail():
-            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        report_failure(f"error: {user_message(e)}")
         leave(1)
     except Exception:
-        if first_to_fail():
-            raise
+        report_failure(None)  # a bug: its traceback, once
         leave(1)
     leave(0)
 

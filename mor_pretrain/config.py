@@ -1,19 +1,24 @@
 """Typed job configuration: TOML file -> nested dataclasses, with `--section.key=value` overrides.
 
 Every section is a dataclass whose fields carry a one-line docstring-style comment. Unknown keys, wrong
-types and inconsistent values are refused with a message naming the key and the file.
+types and inconsistent values are refused with a message naming the key and where its value came from: the
+file, or the command-line override that set it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomli_w
 
 from mor_pretrain.models.mor import ModelArgs
 
@@ -71,6 +76,8 @@ class OptimizerConfig:
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"optimizer.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # AdamW: only once training starts
+            raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -344,12 +351,35 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _names_key(message: str, key: str) -> bool:
+    """Whether a config error message is about `key` (dotted, as messages spell keys). A top-level key
+    counts only where messages put one (their start, "unknown key ..."): "name" is also an English word."""
+    if "." in key:
+        return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
+    return re.match(rf"(unknown key )?{re.escape(key)}\b", message) is not None
+
+
+def error_source(message: str, path: str | Path | None, overrides: list[str], file_alone_valid: bool = False) -> str:
+    """Where the value a config error complains about came from: the command-line overrides whose keys the
+    message names; if it names none, every override when the file alone validates (`file_alone_valid`),
+    else the file ("defaults" without one)."""
+    given: dict[str, str] = {}
+    for arg in overrides:
+        if arg.startswith("--") and "=" in arg:
+            given[arg[2:].split("=", 1)[0]] = arg  # the last override of a key wins, as in load_config
+    named = [arg for key, arg in given.items() if _names_key(message, key)]
+    if not named and file_alone_valid:
+        named = list(given.values())
+    if named:
+        return f"override{'s' if len(named) > 1 else ''} {' '.join(named)}"
+    return "defaults" if path is None else str(path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Defaults, then the TOML file, then `--section.key=value` overrides; validated."""
+    """Defaults, then the TOML file, then `--section.key=value` overrides; validated. An error names the
+    override that set the bad value, or the file."""
     data: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
-        source = str(path)
         if Path(path).is_dir():
             raise ConfigError(f"config file {path} is a directory; give the path of a TOML file")
         try:
@@ -361,6 +391,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    from_file = copy.deepcopy(data)
     for arg in overrides or []:
         keys, value = _parse_override(arg)
         node = data
@@ -373,27 +404,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = _build(JobConfig, data, "")
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        file_alone_valid = False
+        if overrides:
+            try:
+                _build(JobConfig, from_file, "").validate()
+                file_alone_valid = True
+            except ValueError:
+                pass
+        raise ConfigError(f"{error_source(str(e), path, overrides or [], file_alone_valid)}: {e}") from None
     return cfg
 
 
 def dump_toml(cfg: Any) -> str:
-    """Write a config back as TOML (the resolved config stored in each run folder)."""
+    """Write a config back as TOML (the resolved config stored in each run folder). tomli-w writes it, so
+    every value load_config accepts (a string with control characters included) reads back equal; None
+    values (no TOML form) are left out, as load_config's defaults fill them."""
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
+    def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
-    top, tables = [], []
-    for k, v in config_to_dict(cfg).items():
-        if isinstance(v, dict):
-            body = "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None)
-            tables.append(f"[{k}]\n{body}\n")
-        elif v is not None:
-            top.append(f"{k} = {value(v)}")
-    return "\n".join(top) + "\n\n" + "\n".join(tables)
+    return tomli_w.dumps(drop_none(config_to_dict(cfg)))

@@ -513,7 +513,8 @@ def train(cfg: JobConfig) -> TrainState:
     positions = t.global_batch_size * t.seq_len
     exec_per_pos = executed_flops_per_token(cfg.model, t.seq_len)
     paper_per_pos = paper_flops_per_token(cfg.model, t.seq_len)
-    peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0)
+    # A CPU has no MFU worth reporting: only an unknown GPU is worth a warning.
+    peak = peak_flops(device_name(device), cfg.metrics.peak_tflops, warn=par.rank == 0 and device.type != "cpu")
     if "wandb" in cfg.metrics.backends and not state.wandb_run_id:  # a new run; a resumed one keeps its id
         run_id = [uuid.uuid4().hex[:12] if par.rank == 0 else ""]
         dist.broadcast_object_list(run_id, src=0, group=host_group())

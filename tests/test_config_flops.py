@@ -201,11 +201,43 @@ def write(tmp_path, text):
         ("", ["--name=a/b"], r"name must be a run folder name"),
     ],
 )
-def test_bad_configs_name_key_and_file(tmp_path, text, overrides, match):
+def test_bad_configs_name_key_and_where_the_value_came_from(tmp_path, text, overrides, match):
+    """The file that holds the bad value, or, when an override set it, that override instead of the file."""
     p = write(tmp_path, text)
     with pytest.raises(ConfigError, match=match) as e:
         load_config(p, overrides)
-    assert str(p) in str(e.value)
+    if overrides:
+        assert str(e.value).startswith(f"override {overrides[0]}: ") and str(p) not in str(e.value)
+    else:
+        assert str(e.value).startswith(f"{p}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "source"),
+    [
+        # the message names the overridden key; the other override is not blamed
+        ("", ["--name=run1", "--optimizer.weight_decay=-0.1"], "override --optimizer.weight_decay=-0.1"),
+        # a value from the file is wrong: the file, though overrides were given
+        ("[optimizer]\nweight_decay = -0.1\n", ["--name=run1", "--optimizer.lr=1e-3"], "{p}"),
+        # the override broke a combination whose message names another key: the file alone was fine
+        ("[model]\nd_model = 96\n", ["--model.n_heads=5"], "override --model.n_heads=5"),
+        ("[training]\nseq_len = 1024\n", ["--model.max_seq_len=512"], "override --model.max_seq_len=512"),
+        (
+            "",
+            ["--training.seq_len=1024", "--model.max_seq_len=512"],
+            "overrides --training.seq_len=1024 --model.max_seq_len=512",
+        ),
+        # "name" is also a word in messages about other keys
+        ("[checkpoint]\nfolder = '../x'\n", ["--name=run1"], "{p}"),
+        ("", ["--name=a/b"], "override --name=a/b"),
+        ("", ["--model.d_model=-128"], "override --model.d_model=-128"),
+    ],
+)
+def test_a_config_error_names_the_override_that_set_the_bad_value(tmp_path, text, overrides, source):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert str(e.value).startswith(source.format(p=p) + ": "), str(e.value)
 
 
 def test_sections_built_in_code_refuse_non_finite_values():

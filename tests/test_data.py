@@ -279,6 +279,54 @@ def test_resume_refuses_other_data(corpus):
         other.load_state_dict(dl.state_dict())
 
 
+def test_a_loaded_state_stays_the_callers(corpus):
+    """The loader copies what it loads: training on does not rewrite the caller's state (a checkpoint's)."""
+    root, _ = corpus
+    dl = loader(cfg_for(root))
+    take(dl, 2)
+    state = json.loads(json.dumps(dl.state_dict()))
+    saved = json.loads(json.dumps(state))
+    resumed = loader(cfg_for(root))
+    resumed.load_state_dict(state)
+    take(resumed, 3)
+    assert resumed.state_dict() != saved and state == saved
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("lane 3, window 7", "dataloader state must be a JSON object (keys version, lanes, "),
+        ([2, 0, 1], "dataloader state must be a JSON object (keys version, lanes, "),
+        ({"counts": "many"}, "dataloader state 'counts' must be a list of integers >= 0, got str 'many'"),
+        ({"marks": {"0": [1]}}, "dataloader state 'marks' must be a list of lists of integers, got dict"),
+        ({"batches": [3]}, "dataloader state 'batches' must be an integer >= 0, got list [3]"),
+    ],
+)
+def test_a_dataloader_entry_of_the_wrong_shape_is_one_error_naming_the_file(corpus, tmp_path, entry, expected):
+    """A hand-edited rank<r>.json (its manifest rewritten to match) whose "dataloader" entry is a string, a
+    list or holds fields of the wrong type: an error naming the file and what the entry must be, not an
+    AttributeError from inside the loader."""
+    from mor_pretrain.checkpoint import Checkpointer, CheckpointError, mark_complete, step_dir
+    from mor_pretrain.config import CheckpointConfig
+    from mor_pretrain.trainer import TrainState
+
+    root, _ = corpus
+    dl = loader(cfg_for(root))
+    take(dl, 2)
+    ck = Checkpointer(CheckpointConfig(), tmp_path)
+    ck.save(1, {"train_state": TrainState(step=1)}, {"dataloader": dl})
+    path = step_dir(tmp_path, 1) / "rank0.json"
+    saved = json.loads(path.read_text())
+    edited = {**saved["dataloader"], **entry} if isinstance(entry, dict) else entry
+    path.write_text(json.dumps({**saved, "dataloader": edited}))
+    mark_complete(step_dir(tmp_path, 1), 1)
+    with pytest.raises(CheckpointError) as e:
+        ck.load(
+            step_dir(tmp_path, 1), {"train_state": TrainState()}, {"dataloader": loader(cfg_for(root))}, lambda _: None
+        )
+    assert str(e.value).startswith(f"{path}: unusable per-rank state (DataError: {expected}")
+
+
 def test_weighted_mixing(corpus):
     root, _ = corpus
     cfg = cfg_for(root, sources=[str(root / "a.jsonl"), str(root / "b.jsonl")], weights=[4, 1])

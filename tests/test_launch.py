@@ -125,6 +125,46 @@ def test_launched_errors_print_one_line_from_the_failing_rank(tmp_path):
     assert "lane 1 of 2 holds no document" in line and "lower data.lanes" in line
 
 
+# train.py with rank 0 finding a bad config last: the order that used to lose the job's only error line (rank
+# 1 exited without a word, torchrun stopped rank 0 before it printed; 8 launches in 30 on a busy machine).
+RANK0_LAST = """
+import os, sys, time
+import mor_pretrain.config as config
+import train
+real = config.load_config
+def load_config(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        time.sleep(8)
+    return real(*args, **kwargs)
+config.load_config = load_config
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # three 2-process launches that fail at setup: about 40 s on a busy 2-core machine
+@pytest.mark.distributed
+def test_a_bad_override_is_one_error_line_whichever_rank_finds_it_first(tmp_path):
+    """Every rank validates the config before the process group exists; the line reaches the user from the
+    first rank to find it, even when torchrun stops the others as soon as that one exits."""
+    env = {**ENV, "PYTHON": sys.executable, "NGPU": "2"}
+    proc = subprocess.run(
+        ["bash", "scripts/train.sh", "--model.d_model=-128"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert one_error_line(proc) == "error: override --model.d_model=-128: model.d_model: must be >= 1, got -128"
+
+    script = tmp_path / "rank0_last.py"
+    script.write_text(RANK0_LAST)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd += ["--config", "train_configs/debug_mor.toml"]
+    for bad, error in (
+        ("--optimizer.weight_decay=-0.1", "optimizer.weight_decay must be a finite number >= 0, got -0.1"),
+        ("--name=", "name must be a run folder name (no path separators, not empty), got ''"),
+    ):
+        env = {**ENV, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([*cmd, bad], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert one_error_line(proc) == f"error: override {bad}: {error}"
+
+
 # --- sources with nothing readable ---------------------------------------------------------------------------
 
 

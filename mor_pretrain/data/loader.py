@@ -12,6 +12,7 @@ skipped or drawn twice, and the cost of a resume does not grow with training pro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,13 +34,17 @@ class PackedLoader(StatefulDataLoader):
     """A StatefulDataLoader over a PackedDataset whose state_dict is global (identical on every rank)."""
 
     def __init__(self, dataset: PackedDataset, *, batch_size: int, num_workers: int):
-        super().__init__(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            prefetch_factor=4 if num_workers else None,
-            pin_memory=torch.cuda.is_available(),  # copies to the GPU then need no host wait
-        )
+        with warnings.catch_warnings():
+            # torchdata 0.11 (its last release) calls torch.set_vital, which torch now deprecates: a warning on
+            # every rank about a line of torchdata that no user can change.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(
+                dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                prefetch_factor=4 if num_workers else None,
+                pin_memory=torch.cuda.is_available(),  # copies to the GPU then need no host wait
+            )
         plan = dataset.plan
         self._plan = plan
         self._slots = max(num_workers, 1)
@@ -109,7 +114,13 @@ class PackedLoader(StatefulDataLoader):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from a saved position; the data-parallel degree, workers and batch size may differ."""
+        """Continue from a saved position; the data-parallel degree, workers and batch size may differ. The
+        state comes from a checkpoint's per-rank JSON, which may have been edited: anything but the shape
+        state_dict() writes is a DataError saying what was expected."""
+        if not isinstance(state_dict, dict):
+            raise DataError(
+                f"dataloader state must be a JSON object (keys {', '.join(STATE_KEYS)}), got {_described(state_dict)}"
+            )
         version = state_dict.get("version")
         if version != STATE_VERSION:
             raise DataError(
@@ -127,8 +138,14 @@ class PackedLoader(StatefulDataLoader):
                     f"dataloader state was saved with {key}={saved!r} but this job has {key}={now!r}; "
                     f"the saved position does not apply to this data"
                 )
-        counts = [int(c) for c in state_dict["counts"]]
-        marks = [[int(x) for x in m] for m in state_dict["marks"]]
+        counts, marks, batches = state_dict.get("counts"), state_dict.get("marks"), state_dict.get("batches")
+        if not (isinstance(counts, list) and all(_is_count(c) for c in counts)):
+            raise DataError(f"dataloader state 'counts' must be a list of integers >= 0, got {_described(counts)}")
+        if not (isinstance(marks, list) and all(isinstance(m, list) and all(_is_int(x) for x in m) for m in marks)):
+            raise DataError(f"dataloader state 'marks' must be a list of lists of integers, got {_described(marks)}")
+        if not _is_count(batches):
+            raise DataError(f"dataloader state 'batches' must be an integer >= 0, got {_described(batches)}")
+        assert isinstance(batches, int)
         plan = self._plan
         if len(counts) != plan.num_lanes or len(marks) != plan.num_lanes:
             raise DataError(f"dataloader state holds {len(counts)} lanes, this job has {plan.num_lanes}")
@@ -139,9 +156,27 @@ class PackedLoader(StatefulDataLoader):
                     f"dataloader state has no read position for lane {lane} ({counts[lane]} windows drawn): it "
                     "was saved without a process group by a rank that does not read that lane"
                 )
-        self._counts, self._marks = counts, marks
-        self._batches = int(state_dict["batches"])
+        self._counts, self._marks = list(counts), [list(m) for m in marks]  # copies: the caller keeps its state
+        self._batches = batches
         self._pending = 0
+
+
+# What PackedLoader.state_dict() writes, for the message that refuses anything else.
+STATE_KEYS = ("version", "lanes", "seq_len", "seed", "shuffle_block", "sources", "counts", "batches", "marks")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_count(x: Any) -> bool:
+    return _is_int(x) and x >= 0
+
+
+def _described(value: Any) -> str:
+    """A value of a damaged state for an error message: its JSON type and, shortened, the value."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _open_sources(specs: list[str], cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
