@@ -54,8 +54,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: one line, no traceback. Add new user-facing errors
     here."""
-    from mor_pretrain.checkpoint import CheckpointError
-    from mor_pretrain.config import ConfigError
+    from mor_pretrain.config import CheckpointError, ConfigError
     from mor_pretrain.data import DataError
 
     return (

@@ -1,9 +1,9 @@
-"""Distributed checkpoints with torch.distributed.checkpoint (DCP): atomic, pruned, async, reshardable.
+"""Saving and resuming a training job with torch.distributed.checkpoint (DCP): atomic, pruned, async,
+reshardable. The folder format (step-<8 digits>/, the `COMPLETE` manifest, safe reads) is folders.py's.
 
-Layout: <run_dir>/<checkpoint.folder>/step-<8 digits>/ holds the DCP files, `config.toml` (the resolved job
-config), a copy of the tokenizer file the config names (`tokenizer.model`; none for the built-in 'default'),
-and, once every rank has finished writing, `COMPLETE`: a JSON manifest with the size and XXH3 hash of every
-other file. Only complete checkpoints are loaded or counted when pruning, so a crash mid-save leaves the
+A save writes the DCP files, `config.toml` (the resolved job config), a copy of the tokenizer file the config
+names (`tokenizer.model`; none for the built-in 'default') and, once every rank has finished writing,
+`COMPLETE`. Only complete checkpoints are loaded or counted when pruning, so a crash mid-save leaves the
 previous checkpoint usable (a save that fails removes its partial folder), and every file is verified against
 the manifest, and to lie inside the folder, before anything is read.
 
@@ -24,25 +24,14 @@ after every rank's DCP writes, so `COMPLETE` implies every file is there.
 from __future__ import annotations
 
 import base64
-import contextlib
-import dataclasses
-import fcntl
-import io
 import json
 import logging
-import math
-import mmap
 import os
-import pickle
 import random
-import re
 import shutil
-import signal
-import socket
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,11 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch import nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -63,20 +48,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
 
-from mor_pretrain.config import CheckpointConfig, JobConfig, RunFolder, load_config
+from mor_pretrain.config import CheckpointConfig, CheckpointError, JobConfig
 from mor_pretrain.distributed import host_group, rank, world_size
-from mor_pretrain.export import (
-    TOKENIZER_RULE,
+from mor_pretrain.folders import (
+    COMPLETE,
+    SafeLoadPlanner,
     atomic_write,
-    atomic_write_text,
-    check_finite,
-    check_model_sizes,
-    folder_file,
+    check_dcp_metadata,
+    checkpoint_tokenizer_name,
+    complete_steps,
     io_cause,
+    last_good_hint,
+    mark_complete,
+    one_line,
+    read_failure,
+    read_manifest,
+    root_failure,
+    step_dir,
+    verify_files,
 )
-from mor_pretrain.models import ModelArgs, MoRModel
 from mor_pretrain.models.mor import STRUCTURAL_FIELDS
 
 if sys.version_info >= (3, 11):
@@ -85,223 +76,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 logger = logging.getLogger(__name__)
-COMPLETE = "COMPLETE"
-MANIFEST_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be loaded: damaged, incomplete, unsafe, or not this run's to overwrite."""
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
-
-
-def complete_steps(root: Path, log_skipped: bool = False) -> list[int]:
-    """Steps of the complete checkpoints under root, ascending (optionally logging the folders skipped)."""
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.glob("step-*"):
-        if not d.name[5:].isdigit():
-            reason = "its name is not step-<digits>"
-        elif not (d / COMPLETE).is_file():
-            reason = f"no {COMPLETE} marker: its save never finished"
-        else:
-            steps.append(int(d.name[5:]))
-            continue
-        if log_skipped:
-            logger.warning("skipping checkpoint folder %s: %s", d, reason)
-    return sorted(steps)
-
-
-def _digest(path: Path) -> str:
-    """XXH3-64 of the file, read through mmap: about 25 GiB/s from the page cache, so a save barely notices."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return xxhash.xxh3_64(b"").hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return xxhash.xxh3_64(m).hexdigest()
-
-
-def mark_complete(path: Path, step: int) -> None:
-    """Write `COMPLETE`: the manifest (size and XXH3 hash) of every file now in the checkpoint folder.
-
-    The hash finds torn writes and flipped bytes; it is no defence against a forger (the loaders' refusal
-    to unpickle is). Written atomically: a crash leaves no half marker."""
-    files = {
-        f.name: {"bytes": f.stat().st_size, "xxh3": _digest(f)}
-        for f in sorted(path.iterdir())
-        if f.is_file() and f.name != COMPLETE and not f.name.startswith(COMPLETE)
-    }
-    manifest = {"version": MANIFEST_VERSION, "step": step, "files": files}
-    atomic_write_text(path / COMPLETE, json.dumps(manifest, indent=1) + "\n")
-
-
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """The per-file sizes and checksums recorded in `path/COMPLETE`."""
-    try:
-        marker = folder_file(path, COMPLETE)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    if not marker.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker): its save never finished")
-    try:
-        manifest = json.loads(marker.read_text())
-        files = manifest["files"]
-        if manifest["version"] != MANIFEST_VERSION or not isinstance(files, dict):
-            raise ValueError(f"manifest version {manifest['version']!r}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"{marker} is not a checkpoint manifest ({e}); it was written by an older version or damaged, "
-            f"so its files cannot be verified"
-        ) from None
-    return files
-
-
-def verify_files(path: Path, names: list[str] | None = None) -> str | None:
-    """The first problem with the listed files (default: all) of a checkpoint, or None if they verify."""
-    try:
-        files = read_manifest(path)
-    except CheckpointError as e:
-        return str(e)
-    inside = path.resolve()
-    for name in sorted(files) if names is None else names:
-        f, want = path / name, files[name]
-        if f.resolve().parent != inside:  # a link out of the folder, or a name with a path in it
-            return f"{f} resolves to {f.resolve()}, outside the checkpoint folder: refused unread"
-        if not f.is_file():
-            return f"{f} is missing"
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            return f"{f} has {size} bytes, the manifest says {want['bytes']} (truncated or damaged)"
-        if _digest(f) != want["xxh3"]:
-            return f"{f} does not match its checksum (damaged)"
-    return None
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise if any file of the checkpoint is missing, truncated or damaged (one process, all files)."""
-    problem = verify_files(path)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_last_good_hint(path)}")
-
-
-def _last_good_hint(path: Path) -> str:
-    root = path.parent
-    here = int(path.name[5:]) if path.name[5:].isdigit() else None
-    for step in reversed(complete_steps(root)):
-        if here is not None and step < here and verify_files(step_dir(root, step)) is None:
-            return (
-                f". The last checkpoint that verifies is {step_dir(root, step)}: move the damaged folder out "
-                f"of {root} to resume from it"
-            )
-    return ". No earlier checkpoint in its folder verifies"
-
-
-# What DCP's .metadata pickle may contain (torch 2.11 to 2.14): its dataclasses, torch.Size, dtypes, layout.
-_DCP_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "MetadataIndex",
-        "ChunkStorageMetadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "TensorProperties",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_METADATA_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-
-def check_dcp_metadata(path: Path) -> None:
-    """Refuse a `.metadata` that holds anything but DCP metadata, or whose storage entries name a file
-    outside the folder, before DCP unpickles it."""
-    meta = path / ".metadata"
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO(meta.read_bytes())).load()
-        storage = getattr(metadata, "storage_data", None) or {}
-        files = {getattr(info, "relative_path", None) for info in storage.values()}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a DCP checkpoint: {meta} is missing") from None
-    except Exception as e:  # truncated, garbled or hostile: none of it is loaded
-        raise CheckpointError(f"refusing to load {meta}: {type(e).__name__}: {e}") from None
-    for name in files:
-        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-            raise CheckpointError(f"refusing to load {meta}: a storage entry names {name!r}, not a file of {path}")
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner unpickles the non-tensor items of a state dict with weights_only=False, so a
-    forged `.distcp` could run code. Ours reads them with weights_only=True (plain numbers, strings,
-    containers and tensors only) and hands DCP a re-serialized copy of what it read. `folder` (the
-    checkpoint's) makes a refusal name the file in full."""
-
-    def __init__(self, folder: Path | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.folder = folder
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as e:
-            info = self.metadata.storage_data.get(read_item.storage_index) if self.metadata else None
-            where = getattr(info, "relative_path", "?")
-            if self.folder is not None:
-                where = str(self.folder / where)
-            # torch's text is a page of advice (with terminal escapes); the unpickler's own finding is the cause.
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-            found = re.search(r"WeightsUnpickler error: (.*?)(?:\.\s|\.?$)", text, re.MULTILINE)
-            first = found.group(1) if found else (text.splitlines()[0] if text else "")
-            raise CheckpointError(
-                f"{where}: item {read_item.dest_index.fqn!r} is not plain data, refused unread "
-                f"({type(e).__name__}: {first})"
-            ) from None
-        clean = io.BytesIO()
-        torch.save(obj, clean)
-        clean.seek(0)
-        super().load_bytes(read_item, clean)
-
-
-def root_failure(e: BaseException) -> BaseException:
-    """The error behind DCP's wrapper (a CheckpointException holds each failed rank's exception and
-    traceback; its text is all of them, many lines): the lowest failed rank's own exception."""
-    for _ in range(8):  # nested wrappers, never a cycle
-        failures = getattr(e, "failures", None) if isinstance(e, dcp.CheckpointException) else None
-        if not failures:
-            break
-        found = failures[min(failures)]
-        e = found[0] if isinstance(found, tuple) else found
-    return e
-
-
-def one_line(e: BaseException) -> str:
-    """`Type: first line of the message` of the error behind any DCP wrapper."""
-    root = root_failure(e)
-    text = str(root).strip()
-    return f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
-
-
-def read_failure(path: Path, e: BaseException) -> CheckpointError:
-    """One line for a failed DCP read of `path`: our own refusal as it is (it names the file and the
-    item), anything else as the underlying error's first line."""
-    root = root_failure(e)
-    if isinstance(root, CheckpointError):
-        return CheckpointError(str(root))
-    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {one_line(root)}")
 
 
 def dcp_load(state_dict: dict[str, Any], path: Path) -> None:
@@ -311,28 +85,6 @@ def dcp_load(state_dict: dict[str, Any], path: Path) -> None:
         dcp.load(state_dict, checkpoint_id=str(path), planner=planner, process_group=host_group())
     except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
         raise read_failure(path, e) from None
-
-
-class RunLock:
-    """An exclusive flock on <run_dir>/.lock, held while a job trains in the folder. The kernel drops it
-    when the holder exits in any way (kill -9 included), so a stale lock cannot outlive its process."""
-
-    def __init__(self, run_dir: Path):
-        self.path = RunFolder(Path(run_dir)).lock
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            raise CheckpointError(
-                f"run folder {run_dir} is in use by another job ({holder}); stop it or pick another --name"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        os.close(self._fd)
 
 
 def all_finite(model: nn.Module) -> bool:
@@ -581,8 +333,8 @@ class Checkpointer:
 
     def _copy_tokenizer(self, path: Path) -> None:
         """Copy the tokenizer file the job config names into the checkpoint folder (covered by the manifest),
-        so the checkpoint is read offline with its own tokenizer (TOKENIZER_RULE); the built-in 'default'
-        needs no copy."""
+        so the checkpoint is read offline with its own tokenizer (folders.TOKENIZER_RULE); the built-in
+        'default' needs no copy."""
         try:
             spec = tomllib.loads(self.config_toml).get("data", {}).get("tokenizer", "default")
         except tomllib.TOMLDecodeError:
@@ -705,7 +457,7 @@ class Checkpointer:
         if bad is not None:  # a checkpoint written otherwise than by a save, which refuses them
             raise CheckpointError(
                 f"checkpoint {path}: tensor {bad} holds NaN or inf; refusing to resume from these weights"
-                f"{_last_good_hint(path)}"
+                f"{last_good_hint(path)}"
             )
         if pickled := sorted(f for f in files if f.endswith(".pt")):
             raise CheckpointError(f"{path / pickled[0]}: per-rank state as a pickle is never loaded (unsafe)")
@@ -735,7 +487,7 @@ class Checkpointer:
             dist.all_gather_object(problems, verify_files(path, names[rank() :: world]), group=host_group())
         found = [p for p in problems if p is not None]
         if found:
-            raise CheckpointError(f"checkpoint {path} is damaged: {found[0]}{_last_good_hint(path)}")
+            raise CheckpointError(f"checkpoint {path} is damaged: {found[0]}{last_good_hint(path)}")
 
     def close(self) -> None:
         self.finish_pending()
@@ -785,178 +537,3 @@ def config_differences(
             if old is not None and old != new:
                 diffs.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")
     return diffs
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step; every rank agrees on it.
-
-    Schedulers signal each process, but not necessarily at the same step, so the flag is max-reduced over
-    the host (gloo) group: all ranks stop after the same step, save together and exit 0.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.requested = False
-        self._group = host_group()
-        # Under torchrun the parent is the launcher. Killed alone, it leaves its workers training (and
-        # holding the run lock); a worker whose parent changed stops as if signalled.
-        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        logger.warning("received %s: will save and exit after this step", signal.Signals(signum).name)
-        self.requested = True
-
-    def should_stop(self) -> bool:
-        if self._launcher is not None and not self.requested and os.getppid() != self._launcher:
-            logger.warning("the torchrun launcher (pid %d) is gone: will save and exit after this step", self._launcher)
-            self.requested = True
-        if self._group is None:
-            return self.requested
-        flag = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A checkpoint's model weights, read whole in one process (conversion, evaluation)
-
-_READ_BYTES = 256 * 2**20  # tensors read per DCP call: bounds memory spikes and drives the progress bar
-
-
-@contextlib.contextmanager
-def without_process_group() -> Iterator[None]:
-    """Silence DCP's warning about running without a process group: that is the point here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def expected_state_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of MoRModel(args).state_dict(), built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = MoRModel(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DCP <-> export
-
-
-def _dcp_model_entries(ckpt: Path) -> dict[str, TensorStorageMetadata]:
-    """The tensors under the top-level "model" key of a complete DCP checkpoint, by model state-dict name."""
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
-    if not (ckpt / ".metadata").is_file():
-        raise ValueError(f"{ckpt} is not a DCP checkpoint: {ckpt / '.metadata'} is missing")
-    if not (ckpt / COMPLETE).is_file():
-        raise ValueError(f"{ckpt} is incomplete (no {COMPLETE} marker): its save never finished")
-    verify_checkpoint(ckpt)
-    check_dcp_metadata(ckpt)  # DCP unpickles it: admit only what DCP metadata is made of
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    entries = {
-        k[len("model.") :]: v
-        for k, v in meta.state_dict_metadata.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-    }
-    if not entries:
-        raise ValueError(f"{ckpt} holds no tensors under the top-level 'model' key")
-    return entries
-
-
-def _find_run_config(ckpt: Path) -> Path:
-    for cand in (ckpt / "config.toml", ckpt.parent.parent / "config.toml"):
-        if cand.is_file():
-            return folder_file(cand.parent, cand.name)  # a link out of its folder is refused
-    raise FileNotFoundError(f"no config.toml in {ckpt} or its run folder {ckpt.parent.parent}; pass --config")
-
-
-def checkpoint_tokenizer_name(spec: str) -> str:
-    """The name of a checkpoint's own copy of the tokenizer file `spec` names."""
-    return "tokenizer.json" if spec.endswith(".json") else "tokenizer.model"
-
-
-def checkpoint_tokenizer(ckpt: Path, spec: str, cfg_path: Path) -> str:
-    """The tokenizer of a checkpoint read offline, whose config.toml may come from anyone: the built-in
-    'default', or the checkpoint's own copy (saves write one), as a path checked to lie inside the folder.
-    The path the config names is never opened: it may point anywhere on this machine."""
-    if spec == "default":
-        return spec
-    copy = ckpt / checkpoint_tokenizer_name(spec)
-    if not copy.is_file():
-        raise CheckpointError(
-            f"{cfg_path} names the tokenizer {spec!r}, and {ckpt} holds no copy of it: {TOKENIZER_RULE}. "
-            f"Copy the tokenizer to {copy}, or (to-export) pass your own job config with --config"
-        )
-    return str(folder_file(ckpt, copy.name).resolve())
-
-
-def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: config {v}, found {found[k]}" for k, v in expected.items() if found.get(k, v) != v]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{what} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {wrong[:5]}"
-        )
-
-
-def load_dcp_model(
-    ckpt: str | Path, config: str | Path | None = None, progress: bool = True
-) -> tuple[ModelArgs, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read the model weights of a complete DCP checkpoint into full CPU tensors, without a process group.
-
-    `config` is the job TOML (default: the checkpoint's own config.toml, else the run folder's). A
-    model.vocab_size of 0 is taken from the stored embedding. Returns (args, state_dict, extra) where extra
-    holds the tokenizer spec for the export config: the `config` you pass names any path, but a config found
-    with the checkpoint only 'default' or the checkpoint's own copy (checkpoint_tokenizer). Sizes the weights
-    do not pin are checked before anything is allocated, and weights holding NaN or inf are refused.
-    """
-    ckpt = Path(ckpt)
-    entries = _dcp_model_entries(ckpt)
-    cfg_path = Path(config) if config is not None else _find_run_config(ckpt)
-    cfg = load_config(cfg_path)
-    args = cfg.model
-    if args.vocab_size == 0 and "tok_embeddings.weight" in entries:
-        args = dataclasses.replace(args, vocab_size=entries["tok_embeddings.weight"].size[0])
-    found = {k: tuple(v.size) for k, v in entries.items()}
-    check_shapes(expected_state_shapes(args), found, f"checkpoint {ckpt}")
-    weight_bytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in entries.values())
-    check_model_sizes(args, weight_bytes, str(cfg_path))
-    # A job config the user passes is theirs, like a training config; one found with the checkpoint is not.
-    spec = cfg.data.tokenizer if config is not None else checkpoint_tokenizer(ckpt, cfg.data.tokenizer, cfg_path)
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
-    bar = tqdm(
-        total=sum(t.numel() * t.element_size() for t in state.values()),
-        unit="B",
-        unit_scale=True,
-        desc=f"read {ckpt.name}",
-        disable=not progress,
-    )
-    with bar:  # closed before an error is printed, so the error starts a line of its own
-        for chunk in _chunks(state, _READ_BYTES):
-            try:
-                with without_process_group():
-                    dcp.load({"model": chunk}, checkpoint_id=str(ckpt), planner=SafeLoadPlanner(folder=ckpt))
-            except (Exception, dcp.CheckpointException) as e:  # DCP wraps per-rank errors in a BaseException
-                raise read_failure(ckpt, e) from None
-            check_finite(chunk, f"checkpoint {ckpt}")
-            bar.update(sum(t.numel() * t.element_size() for t in chunk.values()))
-    extra = {"tokenizer": spec}
-    if spec != cfg.data.tokenizer:
-        extra["tokenizer_source"] = cfg.data.tokenizer
-    return args, state, extra
-
-
-def _chunks(state: dict[str, torch.Tensor], max_bytes: int) -> Iterable[dict[str, torch.Tensor]]:
-    chunk: dict[str, torch.Tensor] = {}
-    size = 0
-    for k, t in state.items():
-        chunk[k] = t
-        size += t.numel() * t.element_size()
-        if size >= max_bytes:
-            yield chunk
-            chunk, size = {}, 0
-    if chunk:
-        yield chunk

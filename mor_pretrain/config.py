@@ -32,6 +32,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
 
 
+class CheckpointError(ValueError):
+    """A run folder or checkpoint that must not be used: damaged, incomplete, unsafe, locked by another job,
+    or not this run's to overwrite."""
+
+
 @dataclass
 class TrainingConfig:
     steps: int = 100  # optimizer steps to run
@@ -200,7 +205,7 @@ class RunFolder:
         <run_root>/<name>/config.toml     the resolved config the run trained with
                           .lock           held by rank 0 while a job trains here
                           tb/  wandb/     TensorBoard scalars, W&B files (the tags readers use: above)
-                          <checkpoint.folder>/step-<8 digits>/   DCP checkpoints (checkpoint.py: COMPLETE)
+                          <checkpoint.folder>/step-<8 digits>/   DCP checkpoints (folders.py: COMPLETE)
                           export/         weights-only export of the last step
                           eval/           tools/eval.py results
     """

@@ -1,7 +1,7 @@
 """Checkpoint conversion: DCP <-> weights-only export, the HF Llama layout, GGUF import and upcycling.
 
 Everything here runs in one process without torch.distributed: DCP checkpoints written by any number of
-ranks are read whole with DCP's no-process-group path.
+ranks are read whole by folders.load_dcp_model, which also reads transformers Llama folders.
 
 Upcycling (initialize a recursive / MoR model from a pretrained vanilla one; Relaxed Recursive Transformers,
 Bae et al. 2024, and the MoR paper). The vanilla model's layers are split into the unique first and last
@@ -19,31 +19,25 @@ Routers are always freshly initialized.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from mor_pretrain.checkpoint import (
+from mor_pretrain.folders import (
+    HF_BLOCK,
+    atomic_write,
     check_shapes,
     expected_state_shapes,
     load_dcp_model,
-    mark_complete,
-    without_process_group,
-)
-from mor_pretrain.export import (
-    atomic_write,
-    check_model_sizes,
-    folder_file,
     load_exported,
+    mark_complete,
     save_exported,
     save_tokenizer,
+    without_process_group,
     writing,
 )
 from mor_pretrain.models import ModelArgs, MoRModel
@@ -80,19 +74,7 @@ def export_to_dcp(export: str | Path, out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HF Llama layout
-
-_HF_BLOCK = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-}
+# HF Llama layout (written here; folders.load_hf_llama reads it)
 
 
 def applied_blocks(args: ModelArgs) -> list[str]:
@@ -117,7 +99,7 @@ def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[s
         )
     hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
     for i, prefix in enumerate(applied_blocks(args)):
-        for ours, theirs in _HF_BLOCK.items():
+        for ours, theirs in HF_BLOCK.items():
             hf[f"model.layers.{i}.{theirs}"] = state[prefix + ours]
     if not args.tie_embeddings:
         hf["lm_head.weight"] = state["output.weight"]
@@ -141,79 +123,6 @@ def to_hf_llama(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[dict[s
         "tie_word_embeddings": args.tie_embeddings,
     }
     return hf, config
-
-
-def from_hf_llama(config: dict[str, Any], hf: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """A vanilla ModelArgs and state dict from an HF Llama config dict and its tensors."""
-    args = hf_llama_args(config)
-    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    for i in range(args.n_layers):
-        for ours, theirs in _HF_BLOCK.items():
-            state[f"stack.layers.{i}.{ours}"] = hf[f"model.layers.{i}.{theirs}"]
-    if not args.tie_embeddings:
-        state["output.weight"] = hf["lm_head.weight"]
-    state["stack.depth_bias"] = torch.zeros(0)
-    return args, state
-
-
-def hf_llama_args(config: dict[str, Any]) -> ModelArgs:
-    """The vanilla ModelArgs an HF Llama config dict describes."""
-    if config.get("model_type") != "llama":
-        raise ValueError(f"expected an HF Llama config, got model_type={config.get('model_type')!r}")
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise ValueError(f"RoPE scaling is not supported: {rope or config.get('rope_scaling')}")
-    d, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", d // heads) != d // heads:
-        raise ValueError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = {d // heads}")
-    return ModelArgs(
-        vocab_size=config["vocab_size"],
-        d_model=d,
-        n_layers=config["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads", heads),
-        d_ffn=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        norm_eps=config.get("rms_norm_eps", 1e-5),
-        tie_embeddings=config.get("tie_word_embeddings", False),
-        num_recursions=1,
-        sharing="cycle",
-        router="none",
-    )
-
-
-def load_hf_llama(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read an HF Llama folder (config.json + *.safetensors) into a vanilla ModelArgs and state dict."""
-    p = Path(path)
-    files = [folder_file(p, f.name) for f in sorted(p.glob("*.safetensors"))]  # none may lead outside
-    config = folder_file(p, "config.json")
-    if not config.is_file() or not files:
-        raise FileNotFoundError(f"{p} is not an HF checkpoint folder (config.json + *.safetensors)")
-    try:
-        meta = json.loads(config.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from None
-    hf: dict[str, torch.Tensor] = {}
-    try:
-        # The config's sizes against the files before anything is built from them.
-        args = hf_llama_args(meta) if isinstance(meta, dict) else hf_llama_args({})
-        check_model_sizes(args, sum(f.stat().st_size for f in files), str(config))
-        names: set[str] = set()
-        for f in files:
-            with safe_open(str(f), framework="pt") as opened:
-                names.update(opened.keys())
-        if args.n_layers * len(_HF_BLOCK) > len(names):
-            raise ValueError(f"{config} has {args.n_layers} layers; the weights hold {len(names)} tensors in all")
-        for f in files:
-            hf.update(load_file(str(f)))
-        args, state = from_hf_llama(meta, hf)
-    except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise ValueError(f"{p}: config.json and the weights do not describe one Llama model ({e!r})") from None
-    except SafetensorError as e:  # a truncated or garbled file
-        raise ValueError(f"cannot read the weights of {p}: {e}") from None
-    check_shapes(expected_state_shapes(args), {k: tuple(v.shape) for k, v in state.items()}, f"folder {p}")
-    return args, state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +241,9 @@ def gguf_tokenizer(reader: Any) -> Any:
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"only byte-level BPE (tokenizer.ggml.model = 'gpt2') is supported, got {kind!r}")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre != "smollm":  # another pre-tokenizer splits text differently: its ids would silently be wrong
+        raise ValueError(f"only SmolLM's pre-tokenizer (tokenizer.ggml.pre = 'smollm') is supported, got {pre!r}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     types = _field(reader, "tokenizer.ggml.token_type")
@@ -415,6 +327,6 @@ def upcycle(
 
 def _copy_block(out: dict[str, torch.Tensor], dst: str, src: dict[str, torch.Tensor], prefixes: list[str]) -> None:
     """out[dst + name] = mean over prefixes of src[prefix + name], for every tensor of a block."""
-    for ours in _HF_BLOCK:
+    for ours in HF_BLOCK:
         stacked = torch.stack([src[p + ours].float() for p in prefixes])
         out[dst + ours] = stacked.mean(0).to(out[dst + ours].dtype)

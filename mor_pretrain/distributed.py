@@ -1,4 +1,5 @@
-"""The process groups of a job, and the one rule for collectives outside the model.
+"""The run's processes: their groups, the one rule for collectives outside the model, the lock that keeps a
+second job out of a run folder and the preemption signal every rank agrees on.
 
 Under nccl the default group serves CUDA tensors only: a collective on a CPU tensor there raises "No
 backend type associated with device type cpu", and object collectives and barriers depend on the current
@@ -14,14 +15,20 @@ as nccl's), so a collective that falls back on the default group fails on CPU as
 from __future__ import annotations
 
 import datetime
+import fcntl
+import logging
 import os
+import signal
 import socket
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mor_pretrain.config import ConfigError
+from mor_pretrain.config import CheckpointError, ConfigError, RunFolder
 
+logger = logging.getLogger(__name__)
 _HOST: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 
 
@@ -82,3 +89,56 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier(group=host_group())
+
+
+class RunLock:
+    """An exclusive flock on <run_dir>/.lock, held while a job trains in the folder. The kernel drops it
+    when the holder exits in any way (kill -9 included), so a stale lock cannot outlive its process."""
+
+    def __init__(self, run_dir: Path):
+        self.path = RunFolder(Path(run_dir)).lock
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise CheckpointError(
+                f"run folder {run_dir} is in use by another job ({holder}); stop it or pick another --name"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step; every rank agrees on it.
+
+    Schedulers signal each process, but not necessarily at the same step, so the flag is max-reduced over
+    the host (gloo) group: all ranks stop after the same step, save together and exit 0.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.requested = False
+        self._group = host_group()
+        # Under torchrun the parent is the launcher. Killed alone, it leaves its workers training (and
+        # holding the run lock); a worker whose parent changed stops as if signalled.
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("received %s: will save and exit after this step", signal.Signals(signum).name)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if self._launcher is not None and not self.requested and os.getppid() != self._launcher:
+            logger.warning("the torchrun launcher (pid %d) is gone: will save and exit after this step", self._launcher)
+            self.requested = True
+        if self._group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())

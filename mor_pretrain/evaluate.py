@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mor_pretrain.data.tokenizer import load_tokenizer
+from mor_pretrain.folders import open_model, tokenizer_file, tokenizer_specials
 from mor_pretrain.models import MoRModel
 
 # Reported metrics per task: length-normalized accuracy where standard (MOR_FACTS s8); LAMBADA's acc is greedy
@@ -108,9 +110,6 @@ class BPETokenizer:
 def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
     """A `tokenizer.json` or a SentencePiece spec ("default" or a .model path); a relative path is taken
     relative to `base` (e.g. the export folder that holds it) when given."""
-    from mor_pretrain.data.tokenizer import load_tokenizer
-    from mor_pretrain.export import tokenizer_file, tokenizer_specials
-
     path = tokenizer_file(spec, base)
     if spec.endswith(".json"):
         found = tokenizer_specials(path)  # the bos/eos its tokenizer_config.json records
@@ -121,10 +120,8 @@ def load_any_tokenizer(spec: str, base: str | Path | None = None) -> Tokenizer:
 def load_for_eval(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[MoRModel, Tokenizer, str]:
-    """Model and tokenizer from any model folder (export.open_model: an export, a DCP checkpoint, a run
+    """Model and tokenizer from any model folder (folders.open_model: an export, a DCP checkpoint, a run
     folder, a transformers folder). Returns (model in eval mode, tokenizer, resolved path)."""
-    from mor_pretrain.export import open_model
-
     args, state, meta, p = open_model(path)
     model = MoRModel(args)
     model.to(device)

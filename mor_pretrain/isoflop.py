@@ -233,7 +233,7 @@ def run_job_config(cfg: JobConfig, run: RunPlan, runs: list[RunPlan]) -> JobConf
     out.optimizer.decay_fraction = step_fraction(run.decay_steps, run.steps)
     out.checkpoint.save_steps = list(run.save_steps)
     if run.branch_from is not None and run.branch_step is not None:
-        from mor_pretrain.checkpoint import step_dir
+        from mor_pretrain.folders import step_dir
 
         big = next(r for r in runs if r.name == run.branch_from)
         big_checkpoints = RunFolder(Path(big.run_dir), cfg.checkpoint.folder).checkpoints

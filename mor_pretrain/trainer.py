@@ -33,17 +33,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from mor_pretrain.checkpoint import (
     Checkpointer,
-    CheckpointError,
     ModelState,
     OptimizerState,
-    PreemptionWatcher,
-    RunLock,
     SchedulerState,
     all_finite,
-    complete_steps,
     config_differences,
     saved_config,
-    step_dir,
 )
 from mor_pretrain.config import (
     MFU,
@@ -58,9 +53,17 @@ from mor_pretrain.config import (
 )
 from mor_pretrain.data import DataError, build_dataloader, load_tokenizer
 from mor_pretrain.data.tokenizer import padded_vocab_size
-from mor_pretrain.distributed import barrier, device_group, host_group, init_distributed
-from mor_pretrain.export import export_problem, save_exported
+from mor_pretrain.distributed import (
+    CheckpointError,
+    PreemptionWatcher,
+    RunLock,
+    barrier,
+    device_group,
+    host_group,
+    init_distributed,
+)
 from mor_pretrain.flops import executed_flops_per_token, paper_flops_per_token
+from mor_pretrain.folders import complete_steps, export_problem, save_exported, step_dir
 from mor_pretrain.metrics import (
     MetricLogger,
     count_fractions,

@@ -1,8 +1,10 @@
+import importlib.util
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import sentencepiece as spm
@@ -10,6 +12,18 @@ import torch
 import torch.multiprocessing as mp
 
 from mor_pretrain.models import ModelArgs, MoRModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tools_module(name: str) -> ModuleType:
+    """A command line of tools/ (a script, not a package module), loaded from its file: nothing edits sys.path."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_args(**kw) -> ModelArgs:

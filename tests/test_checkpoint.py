@@ -13,18 +13,10 @@ import torch
 import torch.distributed as dist
 from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_model
 
-from mor_pretrain.checkpoint import (
-    COMPLETE,
-    Checkpointer,
-    CheckpointError,
-    ModelState,
-    OptimizerState,
-    PreemptionWatcher,
-    complete_steps,
-    step_dir,
-)
-from mor_pretrain.config import CheckpointConfig
-from mor_pretrain.distributed import barrier
+from mor_pretrain.checkpoint import Checkpointer, ModelState, OptimizerState
+from mor_pretrain.config import CheckpointConfig, CheckpointError
+from mor_pretrain.distributed import PreemptionWatcher, barrier
+from mor_pretrain.folders import COMPLETE, complete_steps, step_dir
 
 
 class Counter:
@@ -311,7 +303,7 @@ def test_a_resume_under_another_structural_value_is_one_line_naming_it(tmp_path,
 
 
 def test_preemption_signal_sets_flag_single_process():
-    from mor_pretrain.checkpoint import PreemptionWatcher
+    from mor_pretrain.distributed import PreemptionWatcher
 
     old = signal.getsignal(signal.SIGUSR1)
     try:
@@ -335,7 +327,7 @@ class _Payload:
 
 def _plant(ckpt: Path, name: str, data: bytes) -> None:
     """What an attacker does: replace a file and rewrite the manifest so that the checksums agree."""
-    from mor_pretrain.checkpoint import mark_complete
+    from mor_pretrain.folders import mark_complete
 
     (ckpt / name).write_bytes(data)
     mark_complete(ckpt, 1)
@@ -364,7 +356,7 @@ def test_pickle_payload_as_per_rank_state_is_refused(tmp_path, name):
 def test_hostile_or_garbled_dcp_metadata_is_refused_on_resume_and_conversion(tmp_path):
     import pickle
 
-    from mor_pretrain.checkpoint import load_dcp_model
+    from mor_pretrain.folders import load_dcp_model
 
     model, opt = make()
     ck = Checkpointer(CheckpointConfig(), tmp_path / "ck", config_toml="")
@@ -537,7 +529,7 @@ def test_a_checkpoint_holding_nan_weights_is_never_resumed_from(tmp_path):
     """Written otherwise than by a save (which refuses them): a resume names the tensor and the last good one."""
     import torch.distributed.checkpoint as dcp
 
-    from mor_pretrain.checkpoint import mark_complete
+    from mor_pretrain.folders import mark_complete
 
     model, opt = make()
     ck = Checkpointer(CheckpointConfig(keep_latest=3), tmp_path)
@@ -557,15 +549,17 @@ def test_skipped_checkpoint_folders_are_logged_with_the_reason(tmp_path, caplog)
     ck.save(1, states(model, opt), {})
     step_dir(tmp_path, 2).mkdir()
     (tmp_path / "step-x").mkdir()
-    with caplog.at_level("WARNING", logger="mor_pretrain.checkpoint"):
+    with caplog.at_level("WARNING", logger="mor_pretrain.folders"):
         assert ck.resolve_load_step() == 1
     assert "step-00000002: no COMPLETE marker" in caplog.text and "step-x: its name is not" in caplog.text
 
 
 def test_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
-    from mor_pretrain.checkpoint import RunLock
+    from mor_pretrain.distributed import RunLock
 
-    hold = f"import time; from mor_pretrain.checkpoint import RunLock; RunLock({str(tmp_path)!r}); print(1, flush=True)"
+    hold = (
+        f"import time; from mor_pretrain.distributed import RunLock; RunLock({str(tmp_path)!r}); print(1, flush=True)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold + "; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "1"
     with pytest.raises(CheckpointError, match=rf"in use by another job \(host \S+ pid {holder.pid}\)"):

@@ -108,7 +108,7 @@ def test_executed_flops_match_flop_counter(name):
     # Rows each recursion step runs per sequence: static top-k; token choice pads to a bucket.
     rows = [t] * a.num_recursions if a.router != "expert" else a.tokens_per_step(t)
     load = None
-    if a.router == "token" or model.stack.expert_threshold is not None:  # decided per token: bucketed rows
+    if a.router != "none" and not a.topk_routing:  # decided per token: bucketed rows
         busiest = [int((out.depth > r).sum(1).max()) for r in range(a.num_recursions)]
         rows = [t] + [bucket_size(n, t) for n in busiest[1:]]
         load = [0] + [rows[i] - (rows[i + 1] if i + 1 < len(rows) else 0) for i in range(len(rows))]

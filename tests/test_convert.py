@@ -11,11 +11,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_args, tiny_model
 
-from mor_pretrain.checkpoint import COMPLETE, load_dcp_model, mark_complete
 from mor_pretrain.config import JobConfig, RunFolder, TrainingConfig, dump_toml
-from mor_pretrain.convert import dcp_to_export, export_to_dcp, load_hf_llama, to_hf_llama, unpermute_qk, upcycle
+from mor_pretrain.convert import dcp_to_export, export_to_dcp, to_hf_llama, unpermute_qk, upcycle
 from mor_pretrain.distributed import barrier, host_group
-from mor_pretrain.export import load_exported, save_exported
+from mor_pretrain.folders import COMPLETE, load_dcp_model, load_exported, load_hf_llama, mark_complete, save_exported
 from mor_pretrain.integrations.hf import save_hf
 from mor_pretrain.models import MoRModel
 from mor_pretrain.models.layers import apply_rope, rope_table
@@ -73,7 +72,7 @@ def test_one_function_opens_every_kind_of_model_folder(tmp_path, router):
     """open_model reads a DCP checkpoint, a run folder, an export and a transformers folder to the same
     weights; evaluation opens all of them through it."""
     from mor_pretrain.evaluate import load_for_eval
-    from mor_pretrain.export import open_model
+    from mor_pretrain.folders import open_model
 
     model = tiny_model(router=router, num_recursions=1 if router == "none" else 3).eval()
     ckpt = write_run_checkpoint(tmp_path / "run", model)
@@ -321,7 +320,7 @@ def test_nan_weights_in_a_transformers_folder_are_refused(tmp_path, capsys, rout
 def test_a_max_seq_len_the_weights_do_not_back_is_refused_in_every_format(tmp_path):
     """max_seq_len sizes the RoPE table alone: a checkpoint's config.toml or a transformers folder's config.json
     giving 10**9 is refused before any model is built (evaluation would allocate 128 GB)."""
-    from mor_pretrain.export import open_model
+    from mor_pretrain.folders import open_model
 
     huge = 10**9
     model = tiny_model()
@@ -385,9 +384,10 @@ def test_a_checkpoint_carries_its_tokenizer_and_a_link_out_of_it_is_refused(tmp_
     that copy; a copy replaced by a link out of the folder is refused."""
     import sentencepiece as spm
 
-    from mor_pretrain.checkpoint import Checkpointer, CheckpointError, ModelState, step_dir
-    from mor_pretrain.config import CheckpointConfig
+    from mor_pretrain.checkpoint import Checkpointer, ModelState
+    from mor_pretrain.config import CheckpointConfig, CheckpointError
     from mor_pretrain.evaluate import load_for_eval
+    from mor_pretrain.folders import step_dir
 
     outside = _outside_tokenizer(tmp_path)
     model = tiny_model()

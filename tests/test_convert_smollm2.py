@@ -1,13 +1,11 @@
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import tools_module
 
 from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-import smollm2_check
+smollm2_check = tools_module("smollm2_check")
 
 pytestmark = [
     pytest.mark.slow,

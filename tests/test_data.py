@@ -32,7 +32,7 @@ SEQ = 16
 
 
 def import_tool(name: str):
-    """A module from tools/ (command lines, not a package)."""
+    """A module from tools/ under its own name: pretokenize's worker processes unpickle its functions by it."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         return importlib.import_module(name)
@@ -306,8 +306,9 @@ def test_a_dataloader_entry_of_the_wrong_shape_is_one_error_naming_the_file(corp
     """A hand-edited rank<r>.json (its manifest rewritten to match) whose "dataloader" entry is a string, a
     list or holds fields of the wrong type: an error naming the file and what the entry must be, not an
     AttributeError from inside the loader."""
-    from mor_pretrain.checkpoint import Checkpointer, CheckpointError, mark_complete, step_dir
-    from mor_pretrain.config import CheckpointConfig
+    from mor_pretrain.checkpoint import Checkpointer
+    from mor_pretrain.config import CheckpointConfig, CheckpointError
+    from mor_pretrain.folders import mark_complete, step_dir
     from mor_pretrain.trainer import TrainState
 
     root, _ = corpus

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from conftest import GPU_LIKE_BACKEND, cpu_mesh, spawn, tiny_model
 from test_train import ROOT, write_corpus
 
-from mor_pretrain.checkpoint import all_finite, complete_steps
+from mor_pretrain.checkpoint import all_finite
 from mor_pretrain.config import load_config
+from mor_pretrain.folders import complete_steps
 
 pytestmark = pytest.mark.distributed
 

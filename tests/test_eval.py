@@ -3,12 +3,11 @@ import json
 import math
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, train_byte_bpe
+from conftest import tiny_model, tools_module, train_byte_bpe
 
 from mor_pretrain.evaluate import (
     METRICS,
@@ -24,7 +23,7 @@ from mor_pretrain.evaluate import (
     text_loss,
     to_markdown,
 )
-from mor_pretrain.export import save_exported
+from mor_pretrain.folders import save_exported
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
@@ -199,8 +198,7 @@ def test_every_task_counts_each_document_once():
 def test_a_limit_below_one_is_refused(limit, capsys):
     with pytest.raises(ValueError, match="limit must be >= 1"):
         load_task("piqa", 0, limit=limit)
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import eval as eval_tool
+    eval_tool = tools_module("eval")
 
     with pytest.raises(SystemExit) as e:
         eval_tool.main(["no-such-checkpoint", "--limit", str(limit)])
@@ -237,8 +235,7 @@ def test_suite_reports_both_routing_modes_for_expert_choice(tok, tmp_path):
 
 @needs_data
 def test_eval_cli_writes_the_agreed_json(tok, tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import eval as eval_tool
+    eval_tool = tools_module("eval")
 
     model = model_for(tok, num_recursions=1, sharing="cycle")
     export = tmp_path / "export"

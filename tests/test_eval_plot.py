@@ -1,12 +1,8 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tools_module
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-import plot_routing
+plot_routing = tools_module("plot_routing")
 
 
 class ByteTok:

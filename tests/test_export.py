@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from mor_pretrain.export import load_exported, save_exported
+from mor_pretrain.folders import load_exported, save_exported
 
 
 def test_export_round_trip_is_self_describing(tmp_path):
@@ -35,7 +35,7 @@ def test_truncated_or_mismatched_export_is_refused(tmp_path):
 
 def test_an_exports_tokenizer_must_be_a_file_of_its_own_folder(tmp_path, monkeypatch):
     from mor_pretrain.data.tokenizer import default_tokenizer_path
-    from mor_pretrain.export import tokenizer_file
+    from mor_pretrain.folders import tokenizer_file
 
     (tmp_path / "e").mkdir()
     (tmp_path / "tok").mkdir()
@@ -215,7 +215,7 @@ def _crash_while_writing_config(tmp_path: Path, out: Path, seed: int) -> None:
         import os, pathlib, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import tiny_model
-        from mor_pretrain.export import save_exported
+        from mor_pretrain.folders import save_exported
 
         def dying(write):
             def wrapper(self, data, *args, **kwargs):
@@ -246,7 +246,7 @@ def test_an_export_killed_while_writing_is_detected_and_rewritten(tmp_path):
     out = tmp_path / "export"
     _crash_while_writing_config(tmp_path, out, seed=1)  # the first export of a run
     assert not (out / "config.json").exists(), "a config.json was there before the export was whole"
-    from mor_pretrain.export import export_problem  # what the trainer checks before "nothing to do"
+    from mor_pretrain.folders import export_problem  # what the trainer checks before "nothing to do"
 
     assert export_problem(out) is not None
     with pytest.raises((ValueError, FileNotFoundError)):
@@ -282,7 +282,7 @@ def _disk_full_after(nbytes: int):
 def test_a_full_disk_while_exporting_is_one_line_and_keeps_the_previous_export(tmp_path, monkeypatch):
     first, second = tiny_model(seed=1), tiny_model(seed=2)
     out = save_exported(tmp_path / "e", first.args, first.state_dict(), dtype=None)
-    monkeypatch.setattr("mor_pretrain.export.save_file", _disk_full_after(1000))
+    monkeypatch.setattr("mor_pretrain.folders.save_file", _disk_full_after(1000))
     with pytest.raises(OSError, match=rf"^cannot write {out}: No space left on device$"):  # the CLIs' one line
         save_exported(out, second.args, second.state_dict(), dtype=None)
     assert not list(out.glob("*.tmp"))
@@ -303,7 +303,7 @@ def test_a_full_disk_during_the_final_export_is_a_user_error_of_one_line(tmp_pat
     spec.loader.exec_module(train_main)
     model = tiny_model()
     cfg = JobConfig(name="full", run_root=str(tmp_path), model=model.args, training=TrainingConfig(seq_len=16))
-    monkeypatch.setattr("mor_pretrain.export.save_file", _disk_full_after(1000))
+    monkeypatch.setattr("mor_pretrain.folders.save_file", _disk_full_after(1000))
     state = TrainState()
     state.step = 7
     with pytest.raises(train_main.user_errors()) as e:

@@ -13,7 +13,7 @@ import sentencepiece as spm
 import torch
 from conftest import tiny_model, train_bpe, train_byte_bpe
 
-from mor_pretrain.export import load_exported, save_exported
+from mor_pretrain.folders import load_exported, save_exported
 from mor_pretrain.generate import DepthControl, SamplingConfig, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -130,8 +130,8 @@ def test_cli_takes_run_folders_dcp_checkpoints_and_bpe_exports(export_dir, tmp_p
     """Everything tools/eval.py takes: a run folder (latest complete checkpoint), a DCP folder, a BPE export."""
     import torch.distributed.checkpoint as dcp
 
-    from mor_pretrain.checkpoint import mark_complete
     from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
+    from mor_pretrain.folders import mark_complete
 
     model, meta = load_exported(export_dir)
     run = tmp_path / "run"

@@ -154,23 +154,18 @@ def test_short_step_caches_save_memory_and_turn_tokens_away_like_capped_caches()
 
 
 def test_bench_tool_runs_every_kind_and_short_caches_shrink_kv(capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools/bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    from mor_pretrain.export import DTYPES
+    from mor_pretrain import bench
+    from mor_pretrain.folders import DTYPES
 
-    dtype = next(a for a in bench.parser()._actions if a.dest == "dtype")
+    dtype = next(a for a in bench.generate_parser()._actions if a.dest == "dtype")
     assert set(dtype.choices) == set(DTYPES)  # the tool names them without importing torch
     argv = ["--shape", "small", "--batch", "2", "--prompt-len", "2", "--new-tokens", "3", "--repeats", "1"]
     argv += ["--device", "cpu", "--json"]
-    assert bench.main([*argv, "--kinds", "vanilla,mor2"]) == 0
+    assert bench.generate_main([*argv, "--kinds", "vanilla,mor2"]) == 0
     full = {r["kind"]: r["at_batch"] for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert bench.main([*argv, "--kinds", "mor2", "--cache-slack", "1.0"]) == 0
+    assert bench.generate_main([*argv, "--kinds", "mor2", "--cache-slack", "1.0"]) == 0
     short = json.loads(capsys.readouterr().out)["rows"][0]["at_batch"]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in full.values())
     # Slots per layer cache (+1 scratch), max_len 5: vanilla 32 x 6; MoR-2 15 x (5 + 5 + 1) + 2 x 6, and with

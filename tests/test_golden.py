@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_gpu import tools_module
+from conftest import tools_module
 
 pytestmark = pytest.mark.slow  # three 20-step single-process runs: about a minute on 2 cores
 

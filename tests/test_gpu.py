@@ -32,6 +32,7 @@ from conftest import tiny_model
 from test_generate import KINDS, reference_greedy
 from test_train import ROOT, write_corpus
 
+from mor_pretrain import bench, gpu_check
 from mor_pretrain.config import load_config
 from mor_pretrain.generate import SamplingConfig, generate
 from mor_pretrain.metrics import peak_flops
@@ -132,15 +133,6 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
-
-
-def tools_module(name: str):
-    """A module of tools/ (command lines, not a package)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,7 +243,6 @@ def test_mor_nr2_peak_memory_is_below_vanilla_at_the_same_batch(tmp_path: Path) 
 
 
 def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench_train = tools_module("bench_train")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -269,9 +260,9 @@ def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch
         return real(cfg)
 
     monkeypatch.setattr(trainer, "train", train)
-    corpus = bench_train.write_corpus(tmp_path / "corpus", docs=60)
-    s = bench_train.cpu_setting()
-    row = bench_train.run_fitting("vanilla", "vanilla_360m", [], [4, 2, 1], s, corpus, tmp_path / "runs")
+    corpus = bench.write_corpus(tmp_path / "corpus", docs=60)
+    s = bench.cpu_setting()
+    row = bench.run_fitting("vanilla", "vanilla_360m", [], [4, 2, 1], s, corpus, tmp_path / "runs")
     assert tried == [4, 2, 1] and row["batch"] == 1 and not row["oom"]
     assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"]) and not dist.is_initialized()
     assert list((tmp_path / "runs").iterdir()) == []  # no run folder is left behind
@@ -294,7 +285,7 @@ def test_bench_train_steps_down_to_a_batch_that_fits(tmp_path: Path, monkeypatch
     ],
 )
 def test_profile_kernel_classes(kernel: str, cls: str) -> None:
-    assert tools_module("gpu_check").classify(kernel) == cls
+    assert gpu_check.classify(kernel) == cls
 
 
 def test_generation_max_batch_stops_where_the_next_batch_would_end_past_the_deadline(
@@ -303,7 +294,6 @@ def test_generation_max_batch_stops_where_the_next_batch_would_end_past_the_dead
     """The check's generation phases double the batch only while the next one fits their time."""
     from types import SimpleNamespace
 
-    bench = tools_module("bench_generate")
     now = [0.0]
 
     def measure(model, batch, *rest):  # a batch of b takes b / 32 s
@@ -381,7 +371,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
     predictions = tmp_path / "predictions.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `tools/gpu_check.py --predict FILE --cpu` traces all six runs (about 80 s here): the first one will do.
-    first_only = "import sys; sys.path.insert(0, 'tools'); import gpu_check as g; runs = g.training_runs; "
+    first_only = "import sys; from mor_pretrain import gpu_check as g; runs = g.training_runs; "
     first_only += "g.training_runs = lambda cpu: runs(cpu)[:1]; sys.exit(g.main(sys.argv[1:]))"
     made = subprocess.run(
         [sys.executable, "-c", first_only, "--predict", str(predictions), "--cpu"],
@@ -436,7 +426,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
     assert len(math_rows) == 2 and all(r["ms"] > 0 and r["tflops"] > 0 for r in math_rows)
     # The output's tail alone carries every result: one line per phase, as it ended, and the same in log.txt.
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("gpu_check: ")]
-    names = ["tests", "predictions"] + [name for name, _, _ in tools_module("gpu_check").phase_plan(True)]
+    names = ["tests", "predictions"] + [name for name, _, _ in gpu_check.phase_plan(True)]
     for name in names:
         assert sum(ln.startswith(f"gpu_check: {name} | ") for ln in lines) == 1, name
     assert "gpu_check: train:vanilla | 2 x 64 | " in proc.stdout and "dry run" in proc.stdout
@@ -451,7 +441,6 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
 
 def test_gpu_check_phase_failure_costs_only_that_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A phase that fails logs one line and the next phase runs; the results are on disk after each."""
-    gpu_check = tools_module("gpu_check")
     written = []
     real_write = gpu_check.write_results
 
@@ -474,7 +463,6 @@ def test_gpu_check_phase_failure_costs_only_that_phase(tmp_path: Path, monkeypat
 def test_gpu_check_skips_what_does_not_fit_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gpu_check = tools_module("gpu_check")
     monkeypatch.setattr(gpu_check, "phase_plan", lambda cpu: [("matmul", "matmul", "peak matmul")])
     doc = tmp_path / "BENCHMARKS.md"
     assert gpu_check.main([str(tmp_path / "out"), "--cpu", "--doc", str(doc), "--budget-s", "0"]) == 0
@@ -486,7 +474,6 @@ def test_gpu_check_skips_what_does_not_fit_the_budget(
 def test_gpu_check_sizes_training_by_the_dry_run() -> None:
     """Training phases need COST's seconds plus their steps at the predicted step time (a guess without a
     prediction); 1.7B starts at the largest batch predicted to fit the card."""
-    gpu_check = tools_module("gpu_check")
     res = {"cpu": False, "env": {"device": "one NVIDIA H200"}, "matmul": {"memory_gib": 100.0}}
     runs = {run[1]: run for run in gpu_check.training_runs(False)}
 

@@ -5,15 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import spread_thresholds, tiny_model, train_bpe, train_byte_bpe
+from conftest import spread_thresholds, tiny_model, tools_module, train_bpe, train_byte_bpe
 
 from mor_pretrain.evaluate import load_any_tokenizer
-from mor_pretrain.export import save_exported
+from mor_pretrain.folders import save_exported
 from mor_pretrain.generate import SamplingConfig, generate
 
 transformers = pytest.importorskip("transformers")
@@ -201,8 +200,7 @@ def test_auto_tokenizer_of_exports_and_hf_folders_gives_our_ids(tmp_path, which,
 
 
 def test_convert_cli_to_hf_and_upcycle_report_progress_and_carry_the_tokenizer(tmp_path, capsys, spm_model):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import convert_checkpoint
+    convert_checkpoint = tools_module("convert_checkpoint")
     from conftest import tiny_args
 
     from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
@@ -223,8 +221,7 @@ def test_convert_cli_to_hf_and_upcycle_report_progress_and_carry_the_tokenizer(t
 
 
 def test_convert_cli_errors_are_one_line_and_to_hf_keeps_a_bf16_models_dtype(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import convert_checkpoint
+    convert_checkpoint = tools_module("convert_checkpoint")
 
     from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
 
@@ -249,8 +246,7 @@ def test_convert_cli_errors_are_one_line_and_to_hf_keeps_a_bf16_models_dtype(tmp
 def test_convert_cli_to_hf_max_shard_size_shards_like_transformers(tmp_path, capsys):
     """--max-shard-size in transformers' syntax: shards named and indexed as transformers names them, no shard
     over the limit unless one tensor alone is, and the sharded folder loads to the one-file folder's logits."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import convert_checkpoint
+    convert_checkpoint = tools_module("convert_checkpoint")
     from safetensors.torch import load_file
 
     # bytes become an int; a size with a unit goes to huggingface_hub as written, which parses it for transformers

@@ -21,10 +21,10 @@ from conftest import train_bpe
 from test_resume import data_args, launch, scalars
 from test_train import ROOT
 
-from mor_pretrain.checkpoint import complete_steps
 from mor_pretrain.config import ConfigError
 from mor_pretrain.data import DataError, build_dataloader
 from mor_pretrain.data.sources import check_readable, open_source
+from mor_pretrain.folders import complete_steps
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 # A frame of the trainer's code in a traceback: torchrun's own report of a failed worker has none.

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 
 from mor_pretrain.evaluate import encode_pair, load_for_eval, load_task, score_docs, score_requests
-from mor_pretrain.export import save_exported
+from mor_pretrain.folders import save_exported
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e '.[lm-eval]' (scripts/setup.sh does)")
 from lm_eval.api.instance import Instance

@@ -31,7 +31,7 @@ DOCS = 40  # first documents compared per task (per subject for MMLU)
 def manager():
     from lm_eval.tasks import TaskManager
 
-    from mor_pretrain.integrations.lm_eval import LOCAL_TASKS
+    from mor_pretrain.integrations import LOCAL_TASKS
 
     return TaskManager(include_path=str(LOCAL_TASKS))
 

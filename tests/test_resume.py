@@ -15,9 +15,8 @@ import torch
 from test_train import ROOT, write_corpus
 from wandb_records import read_wandb_records
 
-from mor_pretrain.checkpoint import COMPLETE, complete_steps, load_dcp_model
 from mor_pretrain.config import load_config
-from mor_pretrain.export import load_exported
+from mor_pretrain.folders import COMPLETE, complete_steps, load_dcp_model, load_exported
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -1,14 +1,19 @@
 """A routing rule has one name, ModelArgs.router_kind, and every place that describes a model names the rule
-by it: the transformers model card, the isoFLOP label and generation's refusal of a threshold. The router
-and rule values are read from ModelArgs' own type annotations, so a new rule is checked here without edits."""
+by it: the transformers model card, the isoFLOP label and generation's refusal of a threshold; and every
+equality table of the tests (the variants a test runs through two paths and compares) holds every rule. The
+router and rule values are read from ModelArgs' own type annotations, so a new rule is checked here without
+edits."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import typing
+from collections.abc import Callable
 
 import pytest
+import torch
 from conftest import tiny_args
 
 from mor_pretrain.generate import DepthControl
@@ -78,3 +83,99 @@ def test_generation_names_the_rule_when_it_refuses_a_threshold(args):
         ctl.validate(model)
     assert f"this model's router is {args.router_kind}" in str(e.value)
     assert "expert-topk" in str(e.value)  # and the kind that has one
+
+
+# The equality tables: module-level variant lists that a test runs through two paths and compares. A kind that
+# one of them lacks is compared by none of its tests, so every kind in KINDS must be in every table, or be
+# exempted by it with the reason and a check, run here against the code, that the reason holds: for a path that
+# refuses the kind, `refused(path)` (e.g. "expert-x": ("<why>", refused(lambda m: DepthBatchEngine(m, 1, 8)))).
+Exemptions = dict[str, tuple[str, Callable[[ModelArgs], None]]]
+
+
+def refused(path: Callable[[MoRModel], object]) -> Callable[[ModelArgs], None]:
+    """An exemption's check for a path that refuses the kind: calling it on a model of that kind raises."""
+
+    def check(args: ModelArgs) -> None:
+        with pytest.raises(ValueError):
+            path(MoRModel(args))
+
+    return check
+
+
+def unrouted(args: ModelArgs) -> None:
+    """The check of a kind without a router: its forward returns no routing losses, statistics or sums."""
+    out = MoRModel(args)(torch.randint(0, args.vocab_size, (2, 16)))
+    assert not (out.aux_losses or out.side_losses or out.stats or out.router_sums), args.router_kind
+
+
+UNROUTED = "no router: nothing of routing's is logged to compare across layouts (FSDP == one process runs it)"
+
+
+def table(module: str, name: str) -> typing.Any:
+    return getattr(importlib.import_module(module), name)
+
+
+def tiny(module: str, name: str) -> list[ModelArgs]:
+    """A table of ModelArgs overrides, built as its tests build them (conftest.tiny_model: tiny_args)."""
+    return [tiny_args(**kw) for kw in table(module, name).values()]
+
+
+def fsdp(names: typing.Iterable[str]) -> list[ModelArgs]:
+    return [table("test_parallel", "make_cfg")(v).model for v in names]
+
+
+# name: (what its tests compare, the table's models, exemptions)
+TABLES: dict[str, tuple[str, Callable[[], list[ModelArgs]], Exemptions]] = {
+    "test_model.VARIANTS": ("gradients reach every parameter", lambda: tiny("test_model", "VARIANTS"), {}),
+    "test_model.CAUSAL": (
+        "a future token never changes past logits",
+        lambda: [tiny_args(**table("test_model", "VARIANTS")[v]) for v, _ in table("test_model", "CAUSAL")],
+        {},
+    ),
+    "test_generate.KINDS": ("cached == uncached decoding", lambda: tiny("test_generate", "KINDS"), {}),
+    "test_generate_serving.KINDS": ("serving engine == generate", lambda: tiny("test_generate_serving", "KINDS"), {}),
+    "test_hf.KINDS": ("transformers folder == ours", lambda: tiny("test_hf", "KINDS"), {}),
+    "test_config_flops.FLOP_MODELS": (
+        "flops.py == FlopCounterMode",
+        lambda: tiny("test_config_flops", "FLOP_MODELS"),
+        {},
+    ),
+    "test_syncs.VARIANTS": (
+        "host syncs == estimate.DOCUMENTED_SYNCS",
+        lambda: [table("test_syncs", "config")(v).model for v in table("test_syncs", "VARIANTS")],
+        {},
+    ),
+    "test_parallel.VARIANTS": ("FSDP == one process", lambda: fsdp(table("test_parallel", "VARIANTS")), {}),
+    "test_parallel.LAYOUT_VARIANTS": (
+        "every logged scalar on 1 rank == dp2 == dp2 x tp2",
+        lambda: fsdp(table("test_parallel", "LAYOUT_VARIANTS")),
+        {"vanilla": (UNROUTED, unrouted), "recursive": (UNROUTED, unrouted)},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_every_equality_table_has_every_routing_kind(name):
+    compares, variants, exempt = TABLES[name]
+    kinds = {a.router_kind: a for a in KINDS}
+    have = {a.router_kind for a in variants()}
+    assert set(exempt) <= set(kinds), f"{name} exempts kinds the config no longer allows: {set(exempt) - set(kinds)}"
+    for kind, (reason, check) in exempt.items():
+        assert kind not in have, f"{name} runs {kind}, which it exempts ({reason}): drop the exemption"
+        check(kinds[kind])
+    missing = sorted(set(kinds) - have - set(exempt))
+    assert not missing, (
+        f"{name} ({compares}) lacks the routing kind(s) {missing}: add a variant of each to it, or exempt the "
+        "kind in tests/test_router_names.py TABLES with its reason and a check that the path refuses it"
+    )
+
+
+def test_an_exemption_holds_only_where_the_path_refuses():
+    from mor_pretrain.serving import DepthBatchEngine
+
+    engine = refused(lambda m: DepthBatchEngine(m, slots=1, max_len=8))
+    engine(tiny_args(sharing="middle_sequence"))  # the engine refuses sequence sharing
+    with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
+        engine(tiny_args(router="expert"))
+    with pytest.raises(AssertionError):
+        unrouted(tiny_args(router="token"))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_gpu import tools_module
+from conftest import tools_module
 from test_train import ROOT
 
 PROBE = """
@@ -48,10 +48,10 @@ def test_help_loads_no_torch(argv):
 
 
 def test_choices_listed_without_the_package_are_the_packages():
-    from mor_pretrain import convert, evaluate, export
+    from mor_pretrain import convert, evaluate, folders
 
     tool = tools_module("convert_checkpoint")
-    assert tuple(export.DTYPES) == tool.DTYPE_NAMES and tool.STRATEGIES == convert.UPCYCLE_STRATEGIES
+    assert tuple(folders.DTYPES) == tool.DTYPE_NAMES and tool.STRATEGIES == convert.UPCYCLE_STRATEGIES
     from mor_pretrain import estimate
 
     assert tuple(estimate.GPUS) == tools_module("isoflop").GPU_NAMES

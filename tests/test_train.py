@@ -14,7 +14,7 @@ import pytest
 from conftest import train_bpe
 
 from mor_pretrain.config import load_config
-from mor_pretrain.export import load_exported
+from mor_pretrain.folders import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [

@@ -59,9 +59,9 @@ def full_embedding(model: MoRModel) -> torch.Tensor:
 
 
 def _worker(rank: int, tmp: Path) -> None:
-    from mor_pretrain.checkpoint import Checkpointer, ModelState, step_dir
+    from mor_pretrain.checkpoint import Checkpointer, ModelState
     from mor_pretrain.config import JobConfig, TrainingConfig, dump_toml
-    from mor_pretrain.export import load_exported, open_model
+    from mor_pretrain.folders import load_exported, open_model, step_dir
     from mor_pretrain.parallel import build_mesh
     from mor_pretrain.trainer import TrainState, build_model, export_final
 

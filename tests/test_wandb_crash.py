@@ -15,8 +15,9 @@ from test_resume import data_args, ok
 from test_train import ROOT
 from wandb_records import history_rows
 
-from mor_pretrain.checkpoint import COMPLETE, SaveRecord
+from mor_pretrain.checkpoint import SaveRecord
 from mor_pretrain.config import VAL_LOSS, MetricsConfig, RunFolder
+from mor_pretrain.folders import COMPLETE
 from mor_pretrain.metrics import SEGMENT_FIRST_STEP, SUPERSEDED, MetricLogger
 
 

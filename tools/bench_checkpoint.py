@@ -28,8 +28,9 @@ def main() -> None:
     args, overrides = p.parse_known_args()
     import torch  # after parsing: --help loads no torch
 
-    from mor_pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, mark_complete, step_dir, verify_files
+    from mor_pretrain.checkpoint import Checkpointer, ModelState, OptimizerState
     from mor_pretrain.config import CheckpointConfig, load_config
+    from mor_pretrain.folders import mark_complete, step_dir, verify_files
     from mor_pretrain.models import MoRModel
 
     cfg = load_config(args.config, overrides)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 # What --help needs, without importing the package (and torch); tests check these against the package's.
-DTYPE_NAMES = ("fp32", "bf16")  # export.DTYPES
+DTYPE_NAMES = ("fp32", "bf16")  # folders.DTYPES
 STRATEGIES = ("stepwise", "average", "lower", "upper", "random")  # convert.UPCYCLE_STRATEGIES
 
 
@@ -94,7 +94,7 @@ def _base(src: str | Path) -> str | None:
 def run(args: argparse.Namespace) -> object:
     from mor_pretrain import convert
     from mor_pretrain.config import load_config
-    from mor_pretrain.export import DTYPES, open_model, save_exported
+    from mor_pretrain.folders import DTYPES, load_hf_llama, open_model, save_exported
 
     if args.cmd == "to-export":
         return convert.dcp_to_export(args.src, args.out, args.config, DTYPES[args.dtype])
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> object:
             args.out, margs, state, DTYPES[dtype], tok, _base(src), about=meta, max_shard_size=args.max_shard_size
         )
     if args.cmd == "from-hf":
-        margs, state = convert.load_hf_llama(args.src)
+        margs, state = load_hf_llama(args.src)
         extra = {"tokenizer": args.tokenizer, "source": args.src}
         return save_exported(args.out, margs, state, dtype=None, extra=extra)
     if args.cmd == "from-gguf":

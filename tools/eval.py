@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mor_pretrain.evaluate import METRICS, evaluate, load_for_eval, task_source, to_markdown
-    from mor_pretrain.export import DTYPES
+    from mor_pretrain.folders import DTYPES
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tasks = list(METRICS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]

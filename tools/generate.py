@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mor_pretrain.evaluate import load_for_eval
-    from mor_pretrain.export import DTYPES
+    from mor_pretrain.folders import DTYPES
     from mor_pretrain.generate import DepthControl, SamplingConfig, generate, trim_stop
     from mor_pretrain.serving import DepthBatchEngine
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mor_pretrain.convert import to_hf_llama
-from mor_pretrain.export import make_readable, save_tokenizer
+from mor_pretrain.folders import make_readable, save_tokenizer
 from mor_pretrain.models import ModelArgs
 
 _PKG = Path(__file__).resolve().parents[1]

@@ -35,9 +35,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from mor_pretrain.evaluate import encode_pair, load_for_eval, score_requests
-from mor_pretrain.export import DTYPES
+from mor_pretrain.folders import DTYPES
 from mor_pretrain.generate import SamplingConfig, generate, trim_stop
-from mor_pretrain.integrations.lm_eval_cli import LOCAL_TASKS
+from mor_pretrain.integrations import LOCAL_TASKS
 
 
 @register_model("mor")

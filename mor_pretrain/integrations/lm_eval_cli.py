@@ -8,9 +8,8 @@ end before torch loads. Then lm_eval.cli runs lm-eval's command line with `--mod
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-LOCAL_TASKS = Path(__file__).parent / "lm_eval_tasks"  # offline task configs, included unless given another path
+from mor_pretrain.integrations import LOCAL_TASKS
 
 
 def main() -> None:
@@ -19,7 +18,7 @@ def main() -> None:
     if not any(a.startswith("--include_path") for a in sys.argv):
         sys.argv += ["--include_path", str(LOCAL_TASKS)]
     HarnessCLI().parse_args()  # exits on --help or a usage error
-    from mor_pretrain.integrations.lm_eval import cli
+    from mor_pretrain.integrations.lm_eval import cli  # after parsing: torch loads only now
 
     cli()
 
