@@ -562,10 +562,11 @@ def fake_world(world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _trace(cfg: JobConfig, world: int, micro_batches: int, compiled: bool) -> tuple[Memory, Census]:
-    """Trace two steps over `micro_batches` micro-batches (the first creates the optimizer state); return the
-    second's peak memory (tracked with one micro-batch only: FSDP's tracker follows one forward per step;
-    `compiled`: less the activations compiled blocks recompute) and census."""
+def _trace(cfg: JobConfig, world: int, compiled: bool, two: Census | None = None) -> tuple[Memory, Census]:
+    """Trace two one-micro-batch steps of one model (the first creates the optimizer state); return the
+    second's peak memory (`compiled`: less the activations compiled blocks recompute) and census. With `two`,
+    a third step over two micro-batches is counted into it (FSDP's memory tracker follows one forward per
+    step, so only the one-micro-batch step is tracked)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
@@ -581,25 +582,25 @@ def _trace(cfg: JobConfig, world: int, micro_batches: int, compiled: bool) -> tu
     blocks = unique_blocks(model)
     t = cfg.training
     census = Census()
-    peak: dict[str, float] = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         optimizer = build_optimizer(model, cfg.optimizer)  # unfused on the CPU: see the module doc
         scheduler = build_lr_scheduler(optimizer, cfg.optimizer, t.steps)
         par = Parallel(torch.device("cpu"), mesh, 0, rep * shard, tp)
         ids = torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long)
-        batches = [{"input": ids, "labels": ids}] * micro_batches
-        tracker = FSDPMemTracker(model, optimizer) if micro_batches == 1 else contextlib.nullcontext()
-        with tracker:
-            with _CensusMode(Census(), optimizer, blocks):  # the first step creates the optimizer state
-                train_step(model, optimizer, scheduler, batches, par, cfg)
-            if isinstance(tracker, FSDPMemTracker):
-                tracker.reset_mod_stats()
-            with _CensusMode(census, optimizer, blocks) as mode:
-                train_step(model, optimizer, scheduler, batches, par, cfg)
-        if isinstance(tracker, FSDPMemTracker):
-            snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-            peak = {str(k).split(".")[-1]: float(v) for k, v in snapshot.items()}
+        batch = {"input": ids, "labels": ids}
+        with _CensusMode(Census(), optimizer, blocks):
+            train_step(model, optimizer, scheduler, [batch], par, cfg)
+        # Entered after the first step: the tracker takes the parameters and optimizer states as they stand
+        # then, and following only the second step halves the trace's time.
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker, _CensusMode(census, optimizer, blocks) as mode:
+            train_step(model, optimizer, scheduler, [batch], par, cfg)
+        snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        peak = {str(k).split(".")[-1]: float(v) for k, v in snapshot.items()}
+        if two is not None:
+            with _CensusMode(two, optimizer, blocks):
+                train_step(model, optimizer, scheduler, [batch, batch], par, cfg)
     memory = Memory(
         parameters=peak.get("SHARDED_PARAM", 0) + peak.get("BUFFER", 0),
         gathered_parameters=peak.get("UNSHARDED_PARAM", 0) + peak.get("ALL_GATHER", 0),
@@ -620,10 +621,10 @@ def estimate(cfg: JobConfig, world: int) -> Estimate:
     rep, shard, tp = mesh_shape(cfg.parallelism, world)
     accum = grad_accumulation(cfg, rep * shard)
     with fake_world(world):
-        memory, one = _trace(cfg, world, 1, compiled)
+        two = Census() if accum > 1 else None  # a second micro-batch gives its cost apart from the step's
+        memory, one = _trace(cfg, world, compiled, two)
         micro, fixed = one, Census()
-        if accum > 1:  # a second micro-batch gives its cost apart from the optimizer step's
-            _, two = _trace(cfg, world, 2, compiled)
+        if two is not None:
             micro = two.minus(one)
             fixed = one.minus(micro)
             # Micro-batches before the last accumulate unsharded gradients in the reduce dtype (one
@@ -679,7 +680,7 @@ def fitting_settings(cfg: JobConfig, world: int, est: Estimate) -> dict[str, Set
         else:
             par = dataclasses.replace(cfg.parallelism, activation_checkpoint=ac, compile=False)
             with fake_world(world):
-                memory, _ = _trace(dataclasses.replace(cfg, parallelism=par), world, 1, est.compiled)
+                memory, _ = _trace(dataclasses.replace(cfg, parallelism=par), world, est.compiled)
         scaled = memory.activations + memory.temporaries
         fixed = memory.total - scaled
         for key in [k for k, v in found.items() if v is None]:

@@ -26,6 +26,14 @@ def tools_module(name: str) -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M imported from its GGUF once per test session. Read-only: a test that changes it copies it."""
+    from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
+
+    return gguf_to_export(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "export", progress=False)
+
+
 def tiny_args(**kw) -> ModelArgs:
     base = dict(
         vocab_size=97,

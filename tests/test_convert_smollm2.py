@@ -3,8 +3,6 @@ import importlib.util
 import pytest
 from conftest import tools_module
 
-from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
-
 smollm2_check = tools_module("smollm2_check")
 
 pytestmark = [
@@ -16,9 +14,8 @@ pytestmark = [
 ]
 
 
-def test_smollm2_import_says_paris_and_has_low_perplexity(tmp_path):
-    export = gguf_to_export(smollm2_gguf_path(), tmp_path / "smollm2", progress=False)
-    result = smollm2_check.check(str(export))
+def test_smollm2_import_says_paris_and_has_low_perplexity(smollm2_export):
+    result = smollm2_check.check(str(smollm2_export))
     assert str(result["greedy"]).startswith(" Paris"), result
     # Far below a random model (about the vocabulary size, 49152) and in a pretrained model's range.
     assert result["ppl"] < 40 and result["ppl"] * 1000 < result["ppl_random_init"], result

