@@ -562,11 +562,13 @@ def fake_world(world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _trace(cfg: JobConfig, world: int, compiled: bool, two: Census | None = None) -> tuple[Memory, Census]:
+def _trace(
+    cfg: JobConfig, world: int, compiled: bool, accumulate: bool = False
+) -> tuple[Memory, Census, Census | None]:
     """Trace two one-micro-batch steps of one model (the first creates the optimizer state); return the
-    second's peak memory (`compiled`: less the activations compiled blocks recompute) and census. With `two`,
-    a third step over two micro-batches is counted into it (FSDP's memory tracker follows one forward per
-    step, so only the one-micro-batch step is tracked)."""
+    second's peak memory (`compiled`: less the activations compiled blocks recompute) and census, and with
+    `accumulate` the census of a third step over two micro-batches (FSDP's memory tracker follows one
+    forward per step, so only the one-micro-batch step is tracked)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
@@ -581,7 +583,7 @@ def _trace(cfg: JobConfig, world: int, compiled: bool, two: Census | None = None
     parallelize(model, mesh, cfg.parallelism, DTYPES[cfg.training.dtype])  # TP needs real mesh coordinates
     blocks = unique_blocks(model)
     t = cfg.training
-    census = Census()
+    census, two = Census(), Census() if accumulate else None
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         optimizer = build_optimizer(model, cfg.optimizer)  # unfused on the CPU: see the module doc
@@ -609,7 +611,7 @@ def _trace(cfg: JobConfig, world: int, compiled: bool, two: Census | None = None
         activations=peak.get("ACT", 0) + peak.get("INP", 0) - (mode.recomputed_bytes if compiled else 0),
         temporaries=peak.get("TEMP", 0),
     )
-    return memory, census
+    return memory, census, two
 
 
 def estimate(cfg: JobConfig, world: int) -> Estimate:
@@ -621,8 +623,8 @@ def estimate(cfg: JobConfig, world: int) -> Estimate:
     rep, shard, tp = mesh_shape(cfg.parallelism, world)
     accum = grad_accumulation(cfg, rep * shard)
     with fake_world(world):
-        two = Census() if accum > 1 else None  # a second micro-batch gives its cost apart from the step's
-        memory, one = _trace(cfg, world, compiled, two)
+        # A second micro-batch gives its cost apart from the optimizer step's.
+        memory, one, two = _trace(cfg, world, compiled, accumulate=accum > 1)
         micro, fixed = one, Census()
         if two is not None:
             micro = two.minus(one)
@@ -680,7 +682,7 @@ def fitting_settings(cfg: JobConfig, world: int, est: Estimate) -> dict[str, Set
         else:
             par = dataclasses.replace(cfg.parallelism, activation_checkpoint=ac, compile=False)
             with fake_world(world):
-                memory, _ = _trace(dataclasses.replace(cfg, parallelism=par), world, est.compiled)
+                memory, _, _ = _trace(dataclasses.replace(cfg, parallelism=par), world, est.compiled)
         scaled = memory.activations + memory.temporaries
         fixed = memory.total - scaled
         for key in [k for k, v in found.items() if v is None]:
