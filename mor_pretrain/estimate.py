@@ -174,6 +174,7 @@ DOCUMENTED_SYNCS: dict[tuple[str, str], dict[str, tuple[int, int]]] = {
     ("expert-topk", "recursion"): {**_RECURSIVE, "validate": (6, 5)},
     ("expert-topk", "share"): {**_RECURSIVE, "validate": (6, 5), "generate": (21, 23), "serve": (23, 27)},
     ("expert-threshold", "recursion"): {**_RECURSIVE, "train": (2, 0), "validate": (6, 5)},
+    ("expert-random", "recursion"): {**_RECURSIVE, "validate": (6, 5)},
     ("token", "recursion"): {**_RECURSIVE, "train": (1, 0), "validate": (3, 4)},
 }
 

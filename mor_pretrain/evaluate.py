@@ -43,6 +43,7 @@ from tqdm import tqdm
 from mor_pretrain.data.tokenizer import load_tokenizer
 from mor_pretrain.folders import open_model, tokenizer_file, tokenizer_specials
 from mor_pretrain.models import MoRModel
+from mor_pretrain.models.mor import LOGITS_CHUNK_ELEMENTS
 
 # Reported metrics per task: length-normalized accuracy where standard (MOR_FACTS s8); LAMBADA's acc is greedy
 # (reported as "acc") and its perplexity is lm-eval's, as lm-eval's lambada_openai reports both.
@@ -476,25 +477,37 @@ def doc_metrics(doc: Doc, scores: Sequence[tuple[float, bool]]) -> tuple[float, 
 
 
 @torch.no_grad()
-def text_loss(
-    model: MoRModel, ids: Sequence[int], seq_len: int, routing: str | None = None, batch_size: int = 8
-) -> tuple[float, int]:
-    """Mean next-token loss over `ids` cut into non-overlapping windows of seq_len predictions (a final
-    partial window is dropped). Returns (loss, tokens scored)."""
+def window_losses(
+    model: MoRModel,
+    ids: Sequence[int],
+    seq_len: int,
+    routing: str | None = None,
+    batch_size: int = 8,
+    windows: int | None = None,
+) -> list[float]:
+    """Mean next-token loss of each non-overlapping window of seq_len predictions in `ids` (a final partial
+    window is dropped). `windows`: score only that many, spread evenly over the text (every window when
+    there are no more), so a subset samples every part of it rather than its first documents."""
     n_win = (len(ids) - 1) // seq_len
     if n_win < 1:
         raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    if windows is not None and windows < 1:
+        raise ValueError(f"windows must be >= 1 (or unset for every window), got {windows}")
+    picked = range(n_win) if windows is None or windows >= n_win else [i * n_win // windows for i in range(windows)]
     data = torch.tensor(ids[: n_win * seq_len + 1])
     device = model.tok_embeddings.weight.device
-    total = 0.0
-    for start in range(0, n_win, batch_size):
-        rows = range(start, min(n_win, start + batch_size))
+    # Per-window losses need the logits: as many windows per forward as keep them under the model's slice.
+    rows_per_forward = max(1, min(batch_size, LOGITS_CHUNK_ELEMENTS // (seq_len * model.args.vocab_size)))
+    out: list[float] = []
+    for start in range(0, len(picked), rows_per_forward):
+        rows = picked[start : start + rows_per_forward]
         x = torch.stack([data[r * seq_len : (r + 1) * seq_len] for r in rows]).to(device)
         y = torch.stack([data[r * seq_len + 1 : (r + 1) * seq_len + 1] for r in rows]).to(device)
-        out = model(x, labels=y, routing=routing or "causal", return_logits=False)
-        assert out.lm_loss is not None
-        total += out.lm_loss.item() * y.numel()
-    return total / (n_win * seq_len), n_win * seq_len
+        logits = model(x, routing=routing or "causal").logits
+        assert logits is not None
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+        out += ce.view(len(rows), seq_len).mean(1).tolist()
+    return out
 
 
 def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
@@ -565,8 +578,15 @@ def evaluate(
                 ids: list[int] = []
                 for doc in read_texts(val_files):
                     ids += tok.encode(doc, eos=True)
-                loss, n = text_loss(model, ids, seq_len or model.args.max_seq_len, mode, batch_size)
+                width = seq_len or model.args.max_seq_len
+                per_window = window_losses(model, ids, width, mode, batch_size, limit)
+                loss, n = sum(per_window) / len(per_window), len(per_window) * width
                 found = {"loss": Score(loss, None, n), "ppl": Score(math.exp(min(loss, 50.0)), None, n)}
+                if samples is not None:
+                    samples += [
+                        {"task": task, "routing": mode, "window": i, "tokens": width, "loss": v}
+                        for i, v in enumerate(per_window)
+                    ]
                 metrics: Sequence[str] = ("loss", "ppl")
             else:
                 assert docs is not None

@@ -104,7 +104,7 @@ def executed_flops(args: ModelArgs, seq_len: int, depth_counts: Sequence[float] 
         attn += args.num_shared * pair * causal_pairs(n, rows[0] if share else n)
     out = {"expert": 1, "token": args.num_recursions}.get(args.router, 0)
     mlp = args.router_arch == "mlp"
-    n_routers = {"expert": args.num_recursions, "token": 1}.get(args.router, 0)
+    n_routers = {"expert": args.num_recursions, "token": 1}.get(args.router, 0) * (args.expert_rule != "random")
     linear += n_routers * 2 * t * (d * d * mlp + d * out)  # every router scores every position
     linear += 2 * t * d * args.vocab_size  # LM head
     # Backward = 2 x forward, except the auxiliary routers: their input is detached, so their first

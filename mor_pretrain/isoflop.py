@@ -90,6 +90,8 @@ def model_variant(args: ModelArgs) -> str:
         notes.append(f"{args.router_kind} router gate")
     if args.recursion_gate:
         notes.append(f"gate {args.recursion_gate:g}")
+    if args.residual_scale:
+        notes.append(f"residual scale {args.residual_scale:g}")
     if args.router != "none" and args.router_alpha != ModelArgs.router_alpha:
         notes.append(f"alpha {args.router_alpha:g}")
     if args.kv_mode == "share":
@@ -645,3 +647,207 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None) -> tupl
         (out / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n")
         plot_results(results, out)
     return table, results
+
+
+# ----------------------------------------------------------------------------------------------------
+# paired seeds: arms compared run for run on the same held-out windows
+
+WINDOWS_FILE = "val_windows.jsonl"  # <run>/eval/: per-window losses, tools/eval.py --tasks val --log-samples
+
+
+@dataclass
+class ArmRun:
+    """One seed of one arm: its per-window held-out losses (causal routing) and what else the comparison
+    reports."""
+
+    arm: str  # the planned config's name: the run's name without _s<seed>_<budget>
+    seed: int
+    run_dir: str
+    variant: str
+    lr: float
+    warmup_steps: int
+    tokens: float
+    windows: list[float]
+    trainer_val: float | None  # the trainer's own validation set at the last step (causal)
+    gates: dict[str, float]  # routing/gate_mean/<step> and routing/gate_std/<step> at the last logged step
+    wall_s: float
+
+    @property
+    def loss(self) -> float:
+        return sum(self.windows) / len(self.windows)
+
+
+def arm_name(run_name: str, seed: int) -> str:
+    """The arm a planned run belongs to: its name without the _s<seed> and _<budget> that plan_sweep adds."""
+    stem, _, _ = run_name.rpartition("_")
+    suffix = f"_s{seed}"
+    if not stem.endswith(suffix):
+        raise ValueError(f"run {run_name} is not named <arm>_s{seed}_<budget> as isoflop plan --seeds names runs")
+    return stem.removesuffix(suffix)
+
+
+def read_windows(run_dir: str | Path) -> list[float]:
+    """The causal per-window losses of <run>/eval/val_windows.jsonl, in window order."""
+    path = RunFolder(Path(run_dir)).eval / WINDOWS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no per-window losses; write them with tools/eval.py RUN --tasks val --val-text ... "
+            f"--limit N --log-samples {path}"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    causal = sorted((r["window"], r["loss"]) for r in rows if r.get("task") == "val" and r["routing"] != "topk")
+    if not causal:
+        raise ValueError(f"{path}: no causal val windows")
+    return [loss for _, loss in causal]
+
+
+def read_arm_run(run_dir: str | Path) -> ArmRun:
+    run = RunFolder.at(run_dir)
+    cfg = load_config(run.config)
+    scalars, wall = _read_tb(run.tb)
+    last = {tag: s[max(s)] for tag, s in scalars.items() if s}
+    t = cfg.training
+    return ArmRun(
+        arm=arm_name(cfg.name, t.seed),
+        seed=t.seed,
+        run_dir=str(run.path),
+        variant=model_variant(resolved_model_args(cfg)),
+        lr=cfg.optimizer.lr,
+        warmup_steps=round(cfg.optimizer.warmup_fraction * t.steps),
+        tokens=t.steps * t.global_batch_size * t.seq_len,
+        windows=read_windows(run.path),
+        trainer_val=last.get(VAL_LOSS["causal"]),
+        gates={k.removeprefix("routing/"): v for k, v in last.items() if k.startswith("routing/gate_")},
+        wall_s=wall,
+    )
+
+
+def bootstrap_mean(values: Any, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a (seeds, windows) array with a 95% percentile interval that resamples both: seeds (training
+    noise) and windows (evaluation noise), each with replacement, the same windows for every seed."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise ValueError(f"need a (seeds, windows) array, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    n_s, n_w = x.shape
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # in blocks: (seeds, block, windows) stays small
+        b = min(1000, resamples - start)
+        per_seed = x[:, rng.integers(0, n_w, (b, n_w))].mean(-1)  # (seeds, b)
+        pick = rng.integers(0, n_s, (b, n_s))
+        means[start : start + b] = per_seed[pick, np.arange(b)[:, None]].mean(-1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float, margin: float) -> str:
+    """What a 95% interval of a difference allows, with `margin` the largest difference called "the same"."""
+    if -margin < lo and hi < margin:
+        return f"the same (within +-{margin:g})"
+    if hi < 0 or lo > 0:
+        side = "lower" if hi < 0 else "higher"
+        beyond = hi < -margin or lo > margin
+        return f"{side}" + (f" by more than {margin:g}" if beyond else "")
+    return "not resolved"
+
+
+@dataclass
+class Comparison:
+    a: str
+    b: str
+    seeds: list[int]  # paired: trained by both arms
+    mean: float  # a - b, over the paired seeds and the windows
+    lo: float
+    hi: float
+    verdict: str
+
+
+def compare_arms(runs: list[ArmRun], pairs: list[tuple[str, str]], margin: float) -> list[Comparison]:
+    """Paired differences a - b of held-out loss: per seed both arms saw the same data order (and, where
+    shapes match, the same initial weights), and every run is scored on the same windows."""
+    import numpy as np
+
+    by_arm: dict[str, dict[int, ArmRun]] = {}
+    for r in runs:
+        by_arm.setdefault(r.arm, {})[r.seed] = r
+    out = []
+    for a, b in pairs:
+        for arm in (a, b):
+            if arm not in by_arm:
+                raise ValueError(f"no runs of arm {arm}; arms: {sorted(by_arm)}")
+        seeds = sorted(set(by_arm[a]) & set(by_arm[b]))
+        if not seeds:
+            raise ValueError(f"arms {a} and {b} share no seed")
+        widths = {len(by_arm[arm][s].windows) for arm in (a, b) for s in seeds}
+        if len(widths) != 1:
+            raise ValueError(f"{a} and {b}: runs were scored on different numbers of windows {sorted(widths)}")
+        diff = np.array([by_arm[a][s].windows for s in seeds]) - np.array([by_arm[b][s].windows for s in seeds])
+        mean, lo, hi = bootstrap_mean(diff)
+        out.append(Comparison(a, b, seeds, mean, lo, hi, verdict(lo, hi, margin)))
+    return out
+
+
+def arm_table(runs: list[ArmRun]) -> str:
+    """One row per arm: n, seeds, mean held-out loss with its 95% interval, the spread between seeds (sd of
+    the runs' means) and the evaluation noise of one run's mean (sd over windows / sqrt(windows)), the
+    trainer's own set, and the gate's mean and spread per recursion step at the end of training."""
+    import numpy as np
+
+    lines = [
+        "| arm | variant | lr | warmup | tokens | n | seeds | val NLL (64k) mean | 95% CI | sd between seeds "
+        "| window s.e. | trainer's set (16k) | gate mean / sd per step | wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in dict.fromkeys(r.arm for r in runs):
+        rs = sorted((r for r in runs if r.arm == arm), key=lambda r: r.seed)
+        x = np.array([r.windows for r in rs])
+        mean, lo, hi = bootstrap_mean(x)
+        sd = float(x.mean(1).std(ddof=1)) if len(rs) > 1 else math.nan
+        se = float((x.std(1, ddof=1) / math.sqrt(x.shape[1])).mean())
+        trainer = [r.trainer_val for r in rs if r.trainer_val is not None]
+        steps = sorted({int(k.rsplit("/", 1)[1]) for r in rs for k in r.gates})
+        gate = {k: float(np.mean([r.gates[k] for r in rs])) for k in rs[0].gates}
+        gates = "; ".join(f"{gate[f'gate_mean/{i}']:.3f} / {gate[f'gate_std/{i}']:.3f}" for i in steps)
+        lines.append(
+            f"| {arm} | {rs[0].variant} | {rs[0].lr:g} | {rs[0].warmup_steps} | {_si(rs[0].tokens)} | {len(rs)} "
+            f"| {', '.join(str(r.seed) for r in rs)} | {mean:.4f} | {lo:.4f} to {hi:.4f} | {sd:.4f} | {se:.4f} "
+            f"| {_num(sum(trainer) / len(trainer) if trainer else None)} | {gates or '-'} "
+            f"| {np.mean([r.wall_s for r in rs]) / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(comparisons: list[Comparison]) -> str:
+    lines = ["| a | b | paired seeds | a - b | 95% CI | verdict |", "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(
+            f"| {c.a} | {c.b} | {len(c.seeds)} ({', '.join(map(str, c.seeds))}) | {c.mean:+.4f} "
+            f"| {c.lo:+.4f} to {c.hi:+.4f} | {c.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def write_paired_report(
+    run_dirs: list[str | Path], pairs: list[tuple[str, str]], margin: float, out_dir: str | Path | None
+) -> str:
+    """The arms' table and the paired comparisons; with `out_dir`, also paired.md and paired.json (every
+    run's per-window losses and gate statistics, so the figures can be recomputed without the runs)."""
+    runs = [read_arm_run(d) for d in run_dirs]
+    comparisons = compare_arms(runs, pairs, margin)
+    text = (
+        f'## Arms\n\n{arm_table(runs)}\n\n## Paired differences (margin for "the same": +-{margin:g} nats)\n\n'
+        f"{comparison_table(comparisons)}\n"
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "paired.md").write_text(text)
+        data = {
+            "margin": margin,
+            "runs": [dataclasses.asdict(r) for r in runs],
+            "comparisons": [dataclasses.asdict(c) for c in comparisons],
+        }
+        (out / "paired.json").write_text(json.dumps(data, indent=1) + "\n")
+    return text

@@ -370,6 +370,19 @@ class LogWindow:
         self.steps += 1
 
 
+def gate_stats(router: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean and standard deviation of each recursion step's gate over the tokens that ran it, from the
+    global batch's summed moments (the model's router sum gate_moments), so they are the same however the
+    batch was split; empty for models without a per-token gate."""
+    if "gate_moments" not in router:
+        return {}
+    tokens, center, shifted, squares = router["gate_moments"].unbind(-1)
+    n = tokens.clamp(min=1)
+    mean = (center + shifted) / n
+    std = (squares / n - (shifted / n).square()).clamp(min=0).sqrt()
+    return {f"routing/gate_{name}/{i}": x for name, v in (("mean", mean), ("std", std)) for i, x in enumerate(v)}
+
+
 def log_step(
     losses: StepLosses,
     grad_norm: torch.Tensor,
@@ -400,6 +413,7 @@ def log_step(
         **{f"count/{k}/{i}": x for k, v in stats.items() if v.ndim for i, x in enumerate(v)},
     }
     maxed = {
+        **gate_stats(losses.router),
         "train/grad_norm": grad_norm,  # the same on every rank, as is the global token count
         "window/scored_tokens": window.scored_tokens,
         "train/lm_loss_max_rank": losses.rank_lm,

@@ -259,7 +259,7 @@ def test_every_model_field_is_classified_structural_or_not():
     # What the weights mean, by hand: a checkpoint of one of these resumed as another is a different model.
     meaning = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ffn", "tie_embeddings", "sharing"}
     meaning |= {"num_recursions", "router", "router_arch", "aux_router", "expert_rule", "capacities", "kv_mode"}
-    meaning |= {"recursion_gate", "router_alpha", "router_activation", "rope_theta", "norm_eps"}
+    meaning |= {"recursion_gate", "residual_scale", "router_alpha", "router_activation", "rope_theta", "norm_eps"}
     assert meaning == set(STRUCTURAL_FIELDS)
     assert {"aux_loss_coef", "z_loss_coef", "balance_loss_coef", "init_std"} <= set(NON_STRUCTURAL_FIELDS)
 

@@ -91,6 +91,8 @@ FLOP_MODELS = {
     "token": dict(router="token"),
     "token_share": dict(router="token", kv_mode="share", router_activation="softmax"),
     "expert_threshold": dict(router="expert", expert_rule="threshold", init_std=0.1),
+    "expert_random": dict(router="expert", expert_rule="random"),
+    "recursive_eps": dict(router="none", residual_scale=0.5),
 }
 
 

@@ -20,8 +20,8 @@ from mor_pretrain.evaluate import (
     routing_modes,
     score_docs,
     score_requests,
-    text_loss,
     to_markdown,
+    window_losses,
 )
 from mor_pretrain.folders import save_exported
 
@@ -137,19 +137,28 @@ def test_encode_pair_splits_at_the_joint_encoding(tok):
     assert ctx == [tok.eos_id] and tok.decode(cont) == "truth"
 
 
-def test_text_loss_is_the_mean_token_cross_entropy(tok):
+def test_window_losses_are_each_windows_mean_cross_entropy(tok):
     model = model_for(tok, router="expert")
     ids = tok.encode(TEXT)
-    loss, n = text_loss(model, ids, seq_len=16, routing="causal", batch_size=3)
-    windows = (len(ids) - 1) // 16
-    assert n == windows * 16
-    x = torch.tensor(ids[: windows * 16]).view(windows, 16)
-    y = torch.tensor(ids[1 : windows * 16 + 1]).view(windows, 16)
+    n = (len(ids) - 1) // 16
+    x = torch.tensor(ids[: n * 16]).view(n, 16)
+    y = torch.tensor(ids[1 : n * 16 + 1]).view(n, 16)
     with torch.no_grad():
-        ref = F.cross_entropy(model(x, routing="causal").logits.flatten(0, 1), y.flatten())
-    assert loss == pytest.approx(ref.item(), rel=1e-5)
+        ce = F.cross_entropy(model(x, routing="causal").logits.flatten(0, 1), y.flatten(), reduction="none")
+    ref = ce.view(n, 16).mean(1)
+    losses = window_losses(model, ids, seq_len=16, routing="causal", batch_size=3)
+    assert losses == pytest.approx(ref.tolist(), rel=1e-5)
+    # A subset is spread over the whole text, not its first windows.
+    assert n >= 6
+    spread = window_losses(model, ids, seq_len=16, routing="causal", windows=3)
+    assert spread == pytest.approx([ref[0].item(), ref[n // 3].item(), ref[2 * n // 3].item()], rel=1e-5)
+    assert window_losses(model, ids, seq_len=16, routing="causal", windows=n + 5) == pytest.approx(
+        ref.tolist(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="fewer than one window"):
-        text_loss(model, ids[:10], seq_len=16)
+        window_losses(model, ids[:10], seq_len=16)
+    with pytest.raises(ValueError, match="windows must be >= 1"):
+        window_losses(model, ids, seq_len=16, windows=0)
 
 
 @needs_data
@@ -251,6 +260,11 @@ def test_eval_cli_writes_the_agreed_json(tok, tmp_path, capsys):
     report = json.loads(out.read_text())
     # One record per scored document, whose metrics average to the reported ones.
     records = [json.loads(line) for line in log.read_text().splitlines()]
+    # val: one record per window (--limit 2: two windows), whose mean is the reported loss.
+    windows, records = records[:2], records[2:]
+    assert [(r["task"], r["window"], r["tokens"]) for r in windows] == [("val", 0, 32), ("val", 1, 32)]
+    found_val = next(x["value"] for x in report["results"] if x["task"] == "val" and x["metric"] == "loss")
+    assert sum(r["loss"] for r in windows) / 2 == pytest.approx(found_val)
     assert [(r["task"], r["doc"]) for r in records] == [("piqa", 0), ("piqa", 1), ("lambada", 0), ("lambada", 1)]
     lambada, records = records[2:], records[:2]
     assert all(len(r["choices"]) == len(r["loglikelihoods"]) == 2 and r["label"] in (0, 1) for r in records)

@@ -32,6 +32,7 @@ KINDS = {
     "token_softmax_share": dict(router="token", router_activation="softmax", router_alpha=1.0, kv_mode="share"),
     "expert_threshold": dict(router="expert", expert_rule="threshold"),
     "recursive_gate": dict(router="none", recursion_gate=0.3),
+    "recursive_eps": dict(router="none", residual_scale=0.5),
 }
 
 

@@ -1,5 +1,6 @@
 """isoFLOP planning (budgets -> runs -> configs) and reporting (run folders -> table and plots)."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -9,6 +10,8 @@ import pytest
 
 from mor_pretrain.config import dump_toml, load_config
 from mor_pretrain.isoflop import (
+    arm_name,
+    bootstrap_mean,
     budget_groups,
     budget_tag,
     load_plan,
@@ -20,6 +23,7 @@ from mor_pretrain.isoflop import (
     seed_tables,
     step_fraction,
     suite_average,
+    verdict,
     write_plan,
     write_report,
     wsd_steps,
@@ -314,6 +318,8 @@ def test_variants_tell_the_mor_configs_apart():
         and model_family(gate_only) == "recursive"
     )
     assert variant("recursive_360m", "--model.recursion_gate=0.05") == "recursive Nr=3 (gate 0.05)"
+    assert variant("recursive_360m", "--model.residual_scale=0.5") == "recursive Nr=3 (residual scale 0.5)"
+    assert variant("mor_360m", "--model.expert_rule=random") == "MoR expert-random Nr=3"
 
 
 def test_suite_average_is_the_papers():
@@ -418,3 +424,124 @@ def test_seed_table_gives_mean_spread_and_n_per_variant_and_budget(tmp_path):
     assert seed_tables([results[0], results[3]]) == ""  # no variant ran twice: no table
     report, _ = write_report(runs, None)
     assert "over seeds" in report
+
+
+def test_paired_configs_differ_only_where_they_say_and_warm_up_for_20_steps():
+    cfgs = {
+        p.stem: load_config(p, ["--model.vocab_size=8192"])
+        for p in (ROOT / "train_configs/study/paired").glob("*.toml")
+    }
+    base = load_config(ROOT / "train_configs/study/recursive_nr2.toml", ["--model.vocab_size=8192"])
+    assert len(cfgs) == 8
+    for name, cfg in cfgs.items():
+        assert cfg.name == "paired_" + name.replace("-", "")
+        assert (cfg.training, cfg.data) == (base.training, base.data)
+        assert cfg.optimizer.lr == (1e-3 if name.endswith("lr1e-3") else 3e-3)
+        (run,) = plan_config(cfg, name, [6e12])
+        assert run.warmup_steps == 20, name
+        m = dataclasses.replace(cfg.model, router="none", expert_rule="topk", recursion_gate=0.0, residual_scale=0.0)
+        assert m == base.model, name
+    assert {k: model_variant(c.model) for k, c in cfgs.items()} == {
+        "recursive": "recursive Nr=2",
+        "recursive_lr1e-3": "recursive Nr=2",
+        "gate": "recursive Nr=2 (gate 0.05)",
+        "gate_lr1e-3": "recursive Nr=2 (gate 0.05)",
+        "eps": "recursive Nr=2 (residual scale 0.5)",
+        "mor_topk": "MoR expert-topk Nr=2",
+        "mor_random": "MoR expert-random Nr=2",
+        "mor_threshold": "MoR expert-threshold Nr=2",
+    }
+
+
+def test_arm_names_drop_the_seed_and_budget_that_plans_add():
+    assert arm_name("paired_gate_lr1e3_s3_6e12", 3) == "paired_gate_lr1e3"
+    with pytest.raises(ValueError, match="_s2_<budget>"):
+        arm_name("paired_gate_6e12", 2)
+
+
+def test_bootstrap_interval_covers_seed_and_window_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    same = np.full((3, 50), 4.0)
+    assert bootstrap_mean(same) == (4.0, 4.0, 4.0)
+    # Window noise only (every seed the same): about mean +- 1.96 sd / sqrt(windows).
+    windows = np.tile(rng.normal(5.0, 0.5, 400), (4, 1))
+    mean, lo, hi = bootstrap_mean(windows)
+    half = 1.96 * windows[0].std() / 20
+    assert mean == pytest.approx(windows.mean()) and (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+    # Seeds that differ widen it: the seed spread is part of the interval.
+    seeds = windows + np.array([[-0.3], [-0.1], [0.1], [0.3]])
+    _, lo2, hi2 = bootstrap_mean(seeds)
+    assert hi2 - lo2 > 3 * (hi - lo)
+    assert bootstrap_mean(seeds, seed=5) != bootstrap_mean(seeds, seed=6) and bootstrap_mean(seeds) == (
+        bootstrap_mean(seeds)
+    )
+    with pytest.raises(ValueError, match="seeds, windows"):
+        bootstrap_mean([1.0, 2.0])
+
+
+def test_verdicts_read_the_interval_against_the_margin():
+    assert verdict(-0.03, 0.04, 0.05) == "the same (within +-0.05)"
+    assert verdict(-0.3, -0.1, 0.05) == "lower by more than 0.05"
+    assert verdict(-0.08, -0.01, 0.05) == "lower"
+    assert verdict(0.01, 0.2, 0.05) == "higher"
+    assert verdict(-0.2, 0.1, 0.05) == "not resolved"
+
+
+def windows_run(root, name, config, windows, gates=None, val=None):
+    run = fake_run(root, name, config, {4: val or 6.0})
+    (run / "eval").mkdir(exist_ok=True)
+    rows = [{"task": "val", "routing": "causal", "window": i, "tokens": 64, "loss": v} for i, v in enumerate(windows)]
+    rows += [{"task": "val", "routing": "topk", "window": i, "tokens": 64, "loss": 0.0} for i in range(len(windows))]
+    (run / "eval/val_windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if gates:
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(str(run / "tb"))
+        for tag, v in gates.items():
+            w.add_scalar(f"routing/{tag}", v, 4)
+        w.close()
+    return run
+
+
+def test_paired_report_compares_arms_seed_by_seed(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    text = rng.normal(5.0, 0.4, 64)  # how hard each window is: shared by every run
+    dirs = []
+    for seed, offset in enumerate([0.1, -0.1, 0.05]):  # seed effects, shared by the arms' runs of that seed
+        a = text + offset + rng.normal(0, 0.01, 64)
+        b = a - 0.2 + rng.normal(0, 0.01, 64)  # b is 0.2 lower on the same seed
+        c = a + rng.normal(0, 0.01, 64)  # c is a, within noise
+        gates = {"gate_mean/0": 0.05, "gate_std/0": 0.01, "gate_mean/1": 0.07, "gate_std/1": 0.02}
+        dirs.append(windows_run(tmp_path, f"arm_a_s{seed}_6e12", "debug_vanilla", a))
+        dirs.append(windows_run(tmp_path, f"arm_b_s{seed}_6e12", "debug_mor", b, gates=gates))
+        if seed < 2:
+            dirs.append(windows_run(tmp_path, f"arm_c_s{seed}_6e12", "debug_vanilla", c))
+    for d in dirs:  # the runs' configs carry their seed, as the plan writes them
+        cfg = load_config(d / "config.toml")
+        cfg.training.seed = int(d.name.split("_s")[1].split("_")[0])
+        (d / "config.toml").write_text(dump_toml(cfg))
+    rc = isoflop_cli("compare", *dirs, "--pair", "arm_a:arm_b", "--pair", "arm_a:arm_c", "--out", tmp_path / "rep")
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split("|")[1].strip() + line.split("|")[2].strip(): line for line in out.splitlines() if "| arm_" in line
+    }
+    ab, ac = rows["arm_aarm_b"], rows["arm_aarm_c"]
+    assert "| 3 (0, 1, 2) |" in ab and "higher by more than 0.05" in ab
+    assert "| 2 (0, 1) |" in ac and "the same (within +-0.05)" in ac
+    # The arm table: n, seeds, the seed spread and the gate per step.
+    arm_b = next(line for line in out.splitlines() if line.startswith("| arm_b |"))
+    assert "| 3 | 0, 1, 2 |" in arm_b and "0.050 / 0.010; 0.070 / 0.020" in arm_b
+    data = json.loads((tmp_path / "rep/paired.json").read_text())
+    assert len(data["runs"]) == 8 and len(data["runs"][0]["windows"]) == 64 and data["margin"] == 0.05
+    # The paired interval is far narrower than the seeds' spread: the seed effect cancels.
+    c = next(c for c in data["comparisons"] if c["b"] == "arm_b")
+    assert c["mean"] == pytest.approx(0.2, abs=0.01) and c["lo"] < c["mean"] < c["hi"] and c["hi"] - c["lo"] < 0.02
+    assert isoflop_cli("compare", *dirs, "--pair", "arm_a:nope") == 2
+    assert "no runs of arm nope" in capsys.readouterr().err
+    assert isoflop_cli("compare", *dirs, "--pair", "arm_a") == 2
+    assert "ARM_A:ARM_B" in capsys.readouterr().err

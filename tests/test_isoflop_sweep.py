@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "scripts/sweep.sh"
 
 
-def sweep(plan_dir, **env):
+def sweep(plan_dir, *shard, **env):
     return subprocess.run(
-        ["bash", str(SWEEP), str(plan_dir)],
+        ["bash", str(SWEEP), str(plan_dir), *shard],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "NGPU": "1", **env},
@@ -60,6 +60,24 @@ def test_a_preempted_run_is_not_marked_done(tmp_path):
         out = sweep(tmp_path / "plan", PYTHON=str(fake))
         assert out.returncode == 1 and f"{run.name}: training" in out.stdout
         assert "stopped before its last step" in out.stderr and not (Path(run.run_dir) / "DONE").exists()
+
+
+def test_a_shard_runs_every_nth_run_of_the_plan(tmp_path):
+    cfg = load_config(
+        ROOT / "train_configs/debug_mor.toml", [f"--run_root={tmp_path / 'runs'}", "--model.vocab_size=512"]
+    )
+    runs = plan_sweep([("debug_mor.toml", cfg)], [2e11], seeds=[0, 1, 2, 3, 4])
+    write_plan(tmp_path / "plan", runs, {"debug_mor.toml": cfg})
+    for r in runs:
+        Path(r.run_dir).mkdir(parents=True)
+        (Path(r.run_dir) / "DONE").touch()
+    for shard, picked in (("0/2", [0, 2, 4]), ("1/2", [1, 3]), ("2/3", [2]), ("0/1", [0, 1, 2, 3, 4])):
+        out = sweep(tmp_path / "plan", shard)
+        assert out.returncode == 0, out.stderr
+        assert [r.name for r in runs if f"{r.name}: finished, skipped" in out.stdout] == [runs[i].name for i in picked]
+    for bad in ("2/2", "1", "0/0", "a/b"):
+        out = sweep(tmp_path / "plan", bad)
+        assert out.returncode == 2 and f"shard must be K/N with 0 <= K < N, got {bad}" in out.stderr
 
 
 def test_sweep_without_a_plan_says_so(tmp_path):

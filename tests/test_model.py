@@ -18,6 +18,8 @@ VARIANTS = {
     "token_share": dict(router="token", kv_mode="share"),
     "expert_threshold": dict(router="expert", expert_rule="threshold"),
     "recursive_gate": dict(router="none", recursion_gate=0.3),
+    "expert_random": dict(router="expert", expert_rule="random"),
+    "recursive_eps": dict(router="none", residual_scale=1 / 3),
 }
 
 
@@ -89,6 +91,8 @@ CAUSAL = [
     ("token_share", "topk"),
     ("expert_threshold", "topk"),  # learned thresholds: causal in training's mode too
     ("recursive_gate", "topk"),
+    ("expert_random", "causal"),  # the same draws in every forward (seeded below): each position's own
+    ("recursive_eps", "topk"),
 ]
 
 
@@ -99,10 +103,12 @@ def test_changing_a_future_token_never_changes_past_logits(name, routing):
     model.args.causal_threshold = 0.5
     torch.manual_seed(1)
     x = torch.randint(0, model.args.vocab_size, (3, 32))
+    torch.manual_seed(2)  # random routing draws its scores from here: the same ones in every forward
     base = model(x, routing=routing).logits
     for t in (5, 17, 30):
         y = x.clone()
         y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(3)) % model.args.vocab_size
+        torch.manual_seed(2)
         out = model(y, routing=routing).logits
         torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
         assert not torch.allclose(out[:, t + 1], base[:, t + 1])
@@ -243,6 +249,10 @@ def test_ignore_index_excludes_padding_from_loss():
         (dict(router="expert", expert_rule="threshold", threshold_rate=0.0), "threshold_rate"),
         (dict(router="expert", recursion_gate=0.1), "recursion_gate"),
         (dict(recursion_gate=-0.1), "recursion_gate"),
+        (dict(router="expert", expert_rule="random", aux_router=True), "aux_router"),
+        (dict(router="expert", residual_scale=0.5), "residual_scale"),
+        (dict(residual_scale=1.5), "residual_scale"),
+        (dict(recursion_gate=0.1, residual_scale=0.5), "residual_scale"),
     ],
 )
 def test_bad_model_args_name_the_key(kw, key):
@@ -405,3 +415,70 @@ def test_recursion_gate_is_mors_update_with_a_constant_gate():
     torch.testing.assert_close(model(x).logits, expect)
     assert model.stack.gated and not tiny_model(router="none").stack.gated
     assert not model.args.llama_equivalent
+
+
+def test_residual_scale_scales_the_stacks_residual_branch():
+    model = tiny_model(router="none", residual_scale=0.25)
+    x = torch.randint(0, 97, (2, 12))
+    r = model.rope[:12][None, None]
+    h, _ = model.first(model.tok_embeddings(x), r)
+    for _ in range(model.args.num_recursions):
+        f, _ = model.stack.apply_once(h, r, None)
+        h = h + 0.25 * (f - h)
+    h, _ = model.last(h, r)
+    expect = torch.nn.functional.linear(model.norm(h), model.head_weight())
+    torch.testing.assert_close(model(x).logits, expect)
+    assert not model.stack.gated and not model.args.llama_equivalent
+    # eps = 1 is the plain recursion, h <- f(h).
+    plain, one = tiny_model(router="none"), tiny_model(router="none", residual_scale=1.0)
+    torch.testing.assert_close(one(x).logits, plain(x).logits)
+
+
+def test_random_expert_choice_routes_by_fresh_uniform_scores_with_the_same_capacities():
+    model = tiny_model(router="expert", expert_rule="random", capacities=[1.0, 0.5, 0.25])
+    assert len(model.stack.routers) == 0 and model.args.router_kind == "expert-random"
+    assert model.num_params() == tiny_model(router="none").num_params()  # no router weights
+    x = torch.randint(0, 97, (4, 32))
+    torch.manual_seed(3)
+    out = model(x, x)
+    # Top-k in training: exactly each step's capacity, and no router loss or router statistics.
+    assert [int((out.depth > r).sum()) for r in range(3)] == [128, 64, 32]
+    assert not out.aux_losses and "sampling_acc" not in out.stats
+    # Gates are alpha x the uniform scores of the tokens that ran: step 0 (everyone) averages about alpha / 2;
+    # later steps keep the top half of their candidates' fresh scores, so their gates are larger.
+    n, center, shifted, squares = out.router_sums["gate_moments"].unbind(-1)
+    assert n.tolist() == [128, 64, 32] and center.tolist() == pytest.approx([6.4, 3.2, 1.6])
+    mean = (center + shifted) / n
+    assert 0.035 < mean[0] < 0.065 and (mean[1:] > mean[0]).all() and (mean <= 0.1).all()
+    assert (squares / n - (shifted / n).square() >= 0).all()
+    # Fresh draws: the same seed gives the same routing, another seed another one.
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(x, x).loss, out.loss)
+    assert not torch.equal(model(x, x).depth, out.depth)
+    # Causal routing keeps each step's share of the previous step's tokens in expectation: 1/2, then 1/2.
+    with torch.no_grad():
+        depth = model(torch.randint(0, 97, (16, 64)), routing="causal").depth
+    reached = [(depth > r).float().mean().item() for r in range(3)]
+    assert reached[0] == 1.0 and abs(reached[1] - 0.5) < 0.05 and abs(reached[2] - 0.25) < 0.05
+
+
+def test_gate_moments_sum_the_gates_of_the_tokens_that_ran_each_step():
+    model = tiny_model(router="expert", init_std=0.1)
+    x = torch.randint(0, 97, (2, 24))
+    gates = []
+    original = model.stack.expert_gate
+
+    def spy(logits):
+        g = original(logits)
+        gates.append(g.squeeze(-1))
+        return g
+
+    model.stack.expert_gate = spy
+    out = model(x, x)
+    moments = out.router_sums["gate_moments"]
+    for step, g in enumerate(gates):
+        ran = out.depth > step
+        c = model.args.router_alpha / 2
+        expect = [ran.sum(), c * ran.sum(), ((g - c) * ran).sum(), ((g - c).square() * ran).sum()]
+        torch.testing.assert_close(moments[step], torch.stack(expect).float())
+    assert "gate_moments" not in tiny_model(router="none").forward(x, x).router_sums

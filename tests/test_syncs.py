@@ -58,6 +58,7 @@ VARIANTS = {
     "expert_topk": MOR,
     "expert_topk_share": (*MOR, "--model.kv_mode=share"),
     "expert_threshold": (*MOR, "--model.expert_rule=threshold"),
+    "expert_random": (*MOR, "--model.expert_rule=random"),
     "token": (*MOR, "--model.router=token"),
 }
 PROMPT = [5, 6, 7, 8, 9]
@@ -143,6 +144,14 @@ def _zero_model(cfg: JobConfig) -> MoRModel:
         for t in (*model.parameters(), *model.buffers()):
             t.zero_()
         model.stack.depth_bias[-1:] = 1.0
+    return _zero_scores(model)
+
+
+def _zero_scores(model: MoRModel) -> MoRModel:
+    """Random scores (expert-random) drawn as logit 0 too, like every zero router's, so they route alike."""
+    if model.args.expert_rule == "random":
+        real = model.stack.expert_logits
+        model.stack.expert_logits = lambda h, step, aux=False: torch.zeros_like(real(h, step, aux))  # type: ignore[method-assign]
     return model
 
 
@@ -154,7 +163,7 @@ def _replayed(cfg: JobConfig, run: Callable[[MoRModel, torch.device], object]) -
         run(model, CPU)
     with FakeTensorMode():
         with torch.device(CUDA):
-            fake = MoRModel(cfg.model)
+            fake = _zero_scores(MoRModel(cfg.model))
         with _Syncs(CUDA, record.reads) as syncs:
             run(fake, CUDA)
     assert not record.reads, f"the fake run read less than the real run: {record.reads[:3]}"

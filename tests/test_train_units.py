@@ -17,7 +17,7 @@ from mor_pretrain.config import ConfigError, JobConfig, OptimizerConfig, Paralle
 from mor_pretrain.metrics import count_fractions, memory_stats, peak_flops, physical_memory, reduce_scalars
 from mor_pretrain.optim import clip_grad_norm, grad_norm, lr_factor, param_groups
 from mor_pretrain.parallel import apply_ac, apply_compile, mesh_shape
-from mor_pretrain.trainer import TrainState, grad_accumulation
+from mor_pretrain.trainer import TrainState, gate_stats, grad_accumulation
 
 
 def test_wsd_schedule_is_a_trapezoid():
@@ -160,6 +160,24 @@ def test_count_fractions_and_the_global_maxvio():
         "routing/tokens_per_depth/2": 0.75,
         "routing/maxvio": pytest.approx(6 / 3 - 1),  # max load over the mean load of 3
     }
+
+
+def test_gate_stats_are_each_steps_mean_and_spread_over_the_tokens_that_ran_it():
+    gates = [torch.tensor([0.05, 0.05, 0.07, 0.03]), torch.tensor([0.09, 0.01])]
+    # Two micro-batches' moments, summed as the trainer sums them: the stats are the whole batch's.
+    halves = [[g[: len(g) // 2] for g in gates], [g[len(g) // 2 :] for g in gates]]
+    c = 0.05
+    moments = sum(
+        torch.tensor([[len(g), c * len(g), (g - c).sum(), (g - c).square().sum()] for g in half]) for half in halves
+    )
+    got = {k: v.item() for k, v in gate_stats({"gate_moments": moments, "depth_counts": torch.ones(3)}).items()}
+    assert got == {
+        "routing/gate_mean/0": pytest.approx(0.05),
+        "routing/gate_mean/1": pytest.approx(0.05),
+        "routing/gate_std/0": pytest.approx(gates[0].std(correction=0).item(), abs=1e-6),
+        "routing/gate_std/1": pytest.approx(0.04, abs=1e-6),
+    }
+    assert gate_stats({"depth_counts": torch.ones(3)}) == {}
 
 
 def test_reduce_scalars_without_a_process_group():

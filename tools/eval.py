@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         help="in-context examples (MMLU: 0..5 from its dev split; the other tasks 0, see docs)",
     )
     p.add_argument(
-        "--limit", type=positive_int, default=None, help="first N items per task (per subject for MMLU); default: all"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="first N items per task (per subject for MMLU; for val, N windows spread over the text); default: all",
     )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--val-text", nargs="*", default=[], help="held-out .txt / .jsonl files for task 'val'")

@@ -4,6 +4,7 @@
       train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--out DIR]
       [--gpu H100 [--gpus 8]] [--section.key=value ...]
   python tools/isoflop.py report RUN_DIR [RUN_DIR ...] [--out DIR]
+  python tools/isoflop.py compare RUN_DIR [RUN_DIR ...] --pair A:B [--pair C:D ...] [--margin 0.05] [--out DIR]
 
 plan: budgets are in the paper's FLOP convention. Per config, the largest budget is a full run; smaller ones
 are cooldowns branched from its checkpoints (trapezoid reuse). --out DIR writes one TOML per run and
@@ -13,6 +14,10 @@ report: a markdown table of the runs, with both validation losses (causal routin
 families and what a deployed model gets; top-k: expert choice's training-time rule, which sees future tokens;
 equal without expert choice); with --out, also results.md, results.json and PNG plots of validation loss
 against FLOPs and tokens.
+compare: runs planned with --seeds, grouped into arms (config names), each scored per window by
+`tools/eval.py RUN --tasks val --limit N --log-samples RUN/eval/val_windows.jsonl`: every arm's mean held-out loss
+and the paired differences a - b over the seeds both trained, with 95% bootstrap intervals over seeds and windows,
+each read against --margin, the largest difference called "the same"; with --out, paired.md and paired.json.
 """
 
 from __future__ import annotations
@@ -72,6 +77,23 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from mor_pretrain.isoflop import write_paired_report
+
+    pairs = []
+    for text in args.pair:
+        a, sep, b = text.partition(":")
+        if not sep or not a or not b:
+            raise ValueError(f"--pair takes ARM_A:ARM_B, got {text!r}")
+        pairs.append((a, b))
+    if not args.margin > 0:
+        raise ValueError(f"--margin must be > 0, got {args.margin}")
+    print(write_paired_report(args.run_dirs, pairs, args.margin, args.out))
+    if args.out is not None:
+        print(f"wrote paired.md and paired.json to {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="table and plots from finished runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders (<run_root>/<name>)")
     rp.add_argument("--out", default=None, metavar="DIR", help="write results.md, results.json and PNGs here")
+    cp = sub.add_parser("compare", help="arms over paired seeds, with bootstrap intervals")
+    cp.add_argument("run_dirs", nargs="+", help="run folders of seeded runs, each with eval/val_windows.jsonl")
+    cp.add_argument("--pair", action="append", required=True, help="ARM_A:ARM_B, reported as a - b; repeatable")
+    cp.add_argument("--margin", type=float, default=0.05, help="largest difference (nats) called the same")
+    cp.add_argument("--out", default=None, metavar="DIR", help="write paired.md and paired.json here")
     args, overrides = p.parse_known_args(argv)
-    if args.command == "report" and overrides:
+    if args.command != "plan" and overrides:
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
     from mor_pretrain.config import ConfigError  # after parsing: --help loads no torch
 
+    commands = {"plan": lambda: plan(args, overrides), "report": lambda: report(args), "compare": lambda: compare(args)}
     try:
-        return plan(args, overrides) if args.command == "plan" else report(args)
+        return commands[args.command]()
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,10 +34,10 @@ PARAGRAPH = (
 
 
 def perplexity(model: MoRModel, tok: Tokenizer, text: str) -> float:
-    from mor_pretrain.evaluate import text_loss
+    from mor_pretrain.evaluate import window_losses
 
     ids = tok.encode(text)
-    loss, _ = text_loss(model, ids, seq_len=len(ids) - 1)
+    (loss,) = window_losses(model, ids, seq_len=len(ids) - 1)
     return math.exp(loss)
 
 

@@ -59,14 +59,19 @@ class ModelArgs:
     causal_threshold: float = 0.5  # expert choice causal mode: continue iff sigmoid(logit) >= this
     # Expert choice in training: "topk" keeps each step's top-k per sequence (sees future tokens);
     # "threshold" keeps the tokens whose score clears the step's learned threshold (Expert-Threshold
-    # routing), the same rule in training, evaluation and generation: causal by construction.
-    expert_rule: Literal["topk", "threshold"] = "topk"
+    # routing), the same rule in training, evaluation and generation: causal by construction. "random" is
+    # the MoR authors' rand_router ablation: no router weights; each forward draws every score uniformly at
+    # random, keeps the top k_r in training and gates by alpha x score, so routing without learned routing.
+    expert_rule: Literal["topk", "threshold", "random"] = "topk"
     # Expert-threshold: each step's threshold moves this far per optimizer step towards the global batch's
     # mean per-sequence k-th largest score (a plain running mean over the first 1/rate updates).
     threshold_rate: float = 0.1
     # Fixed-depth recursive only: 0 = each recursion step is h <- f(h); c > 0 = MoR's update h + c * f(h)
     # with a constant gate c (the gate ablation of docs/RESULTS.md).
     recursion_gate: float = 0.0
+    # Fixed-depth recursive only: eps > 0 = each recursion step is h + eps * (f(h) - h), the shared stack's
+    # residual branch scaled by eps (the looped-transformer residual scaling; eps = 1/Nr); 0 = off.
+    residual_scale: float = 0.0
     balancing: Literal["loss", "loss_free"] = "loss"  # token choice load balancing
     balance_loss_coef: float = 0.1  # token choice balancing loss coefficient
     bias_update_rate: float = 1e-3  # token choice loss-free bias step u
@@ -88,8 +93,9 @@ class ModelArgs:
 
     @property
     def topk_routing(self) -> bool:
-        """Whether routing="topk" differs from "causal": expert choice trained with top-k."""
-        return self.router == "expert" and self.expert_rule == "topk"
+        """Whether routing="topk" differs from "causal": expert choice trained with top-k (of learned or
+        random scores)."""
+        return self.router == "expert" and self.expert_rule in ("topk", "random")
 
     @property
     def router_kind(self) -> str:
@@ -105,7 +111,7 @@ class ModelArgs:
     def llama_equivalent(self) -> bool:
         """Whether the model is a plain Llama once its shared layers are unrolled."""
         share = self.kv_mode == "share" and self.num_recursions > 1
-        return self.router == "none" and not share and self.recursion_gate == 0
+        return self.router == "none" and not share and self.recursion_gate == 0 and self.residual_scale == 0
 
     @property
     def step_capacities(self) -> list[float]:
@@ -180,8 +186,8 @@ class ModelArgs:
                 bad("capacities", f"must be non-increasing, got {self.capacities}")
         if self.expert_rule != "topk" and self.router != "expert":
             bad("expert_rule", f"only expert-choice routing has a rule, this model's router is {self.router!r}")
-        if self.expert_rule == "threshold" and self.aux_router:
-            bad("aux_router", "expert-threshold routing decides causally with its own router: no aux router")
+        if self.expert_rule != "topk" and self.aux_router:
+            bad("aux_router", f"expert-{self.expert_rule} routing decides on its own scores: no aux router")
         if not 0.0 < self.threshold_rate <= 1.0:
             bad("threshold_rate", f"must be in (0, 1], got {self.threshold_rate}")
         if self.recursion_gate:
@@ -189,6 +195,13 @@ class ModelArgs:
                 bad("recursion_gate", "a constant gate is for fixed-depth recursion: router none, cycle sharing")
             if not math.isfinite(self.recursion_gate) or self.recursion_gate < 0:
                 bad("recursion_gate", f"must be a finite number >= 0, got {self.recursion_gate}")
+        if self.residual_scale:
+            if self.router != "none" or nr < 2 or self.sharing not in ("cycle", "middle_cycle"):
+                bad("residual_scale", "residual scaling is for fixed-depth recursion: router none, cycle sharing")
+            if self.recursion_gate:
+                bad("residual_scale", "a model has one update rule: recursion_gate or residual_scale, not both")
+            if not 0.0 < self.residual_scale <= 1.0:
+                bad("residual_scale", f"must be in (0, 1] (0 = off), got {self.residual_scale}")
         if self.router == "expert" and self.router_activation != "sigmoid":
             bad("router_activation", "expert choice uses sigmoid scores")
         if not 0.0 < self.causal_threshold < 1.0:
@@ -230,6 +243,7 @@ STRUCTURAL_FIELDS = (
     "aux_router",
     "expert_rule",
     "recursion_gate",
+    "residual_scale",
     "kv_mode",
 )
 # Fields that change training or test-time behaviour only, never what a saved tensor means, so a resume may
@@ -380,7 +394,7 @@ class RecursionStack(nn.Module):
         nr = args.num_recursions
         self.routers = nn.ModuleList()
         self.aux_routers = nn.ModuleList()
-        if args.router == "expert":
+        if args.router == "expert" and args.expert_rule != "random":
             self.routers.extend(Router(args.d_model, 1, args.router_arch) for _ in range(nr))
             if args.aux_router:
                 self.aux_routers.extend(Router(args.d_model, 1, args.router_arch) for _ in range(nr))
@@ -427,8 +441,12 @@ class RecursionStack(nn.Module):
 
     def update(self, x: torch.Tensor, f: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """A recursion step's new state from its input x and the shared layers' output f: MoR's x + g * f
-        with a gate, f without."""
-        return f if gate is None else x + gate.to(x.dtype) * f
+        with a gate (g multiplies the whole output, residual included, as in the MoR authors' code), else
+        x + eps * (f - x) with residual scaling (eps multiplies the residual branch only), else f."""
+        if gate is not None:
+            return x + gate.to(x.dtype) * f
+        eps = self.args.residual_scale
+        return x + eps * (f - x) if eps else f
 
     # The routing rules, written once: training (_routed), cached generation and the serving engine call them.
     # Generation and the engine call only causal_entry and causal_step, which hide the router kind.
@@ -482,6 +500,9 @@ class RecursionStack(nn.Module):
         """Expert choice: router logits (...) of recursion step `step` for the tokens h (..., dim); `step` is
         an int, or a tensor (...) of one step per token (the serving engine's rows). aux: the auxiliary
         router's."""
+        if self.args.expert_rule == "random":  # fresh uniform scores, as logits: sigmoid(logit(u)) = u
+            shape = h.shape[:-1] if isinstance(step, int) else step.shape
+            return torch.logit(torch.rand(shape, device=h.device))
         routers = self.aux_routers if aux else self.routers
         if isinstance(step, int):
             return routers[step](h).squeeze(-1)
@@ -500,16 +521,24 @@ class RecursionStack(nn.Module):
         self, scores: torch.Tensor, step: int | torch.Tensor, threshold: float | None = None
     ) -> torch.Tensor:
         """Causal expert choice: a token continues into `step` when its decision score clears the threshold
-        (the step's learned one for expert-threshold routing, else model.causal_threshold, unless given), or
-        when the step has capacity 1."""
+        (unless given: the step's learned one for expert-threshold routing; for random scores the quantile
+        that passes the step's share of the previous step's tokens; else model.causal_threshold), or when
+        the step has capacity 1."""
         a = self.args
         # Capacities never increase (validate), so the steps of capacity 1 come first: comparing `step` with
         # their count decides an int step on the host and a tensor of steps on the device, with no copy.
         full = step < sum(c >= 1.0 for c in a.step_capacities)
         if threshold is not None:
             return (scores >= threshold) | full
-        learned = self.expert_threshold
-        return (scores >= (a.causal_threshold if learned is None else learned[step])) | full
+        if self.expert_threshold is not None:
+            return (scores >= self.expert_threshold[step]) | full
+        if a.expert_rule == "random":
+            caps = [1.0, *a.step_capacities]
+            cuts = [1.0 - c / prev for prev, c in zip(caps, caps[1:], strict=False)]
+            # A tensor of steps picks its cuts by comparison with Python numbers: no host-to-device copy.
+            cut = cuts[step] if isinstance(step, int) else sum((step == r) * c for r, c in enumerate(cuts))
+            return (scores >= cut) | full
+        return (scores >= a.causal_threshold) | full
 
     def forward(self, h: torch.Tensor, rope: torch.Tensor, routing: str) -> StackOut:
         """h: (batch, seq, dim); rope: (max_len, head_dim). Returns h, aux losses, side losses, stats, depth."""
@@ -564,12 +593,14 @@ class RecursionStack(nn.Module):
         n: int | None = None  # compacted length; None = every token, no gather
         kvs0: list[KV] | None = None
         pos0, valid0 = full_pos, None
+        moments = []
         for step in range(a.num_recursions):
             if a.router == "token":
                 sel, gate = choice >= step, tc_gate
                 n = None if step == 0 else bucket_size(busiest[step], t)  # every token runs step 0
             else:
                 sel, gate, n = self._expert_pick(step, h, active, routing, n, log)
+            moments.append(self._gate_moments(sel, gate))
             idx, valid = (None, None) if n is None else compact(sel, n)
             x, pos = (h, full_pos) if idx is None else (_gather(h, idx), idx)
             share = a.kv_mode == "share" and step > 0
@@ -608,6 +639,7 @@ class RecursionStack(nn.Module):
             stats["topk_agreement"] = torch.stack(log.agree).mean()
         if log.kth:
             sums["threshold_sums"] = torch.stack(log.kth)
+        sums["gate_moments"] = torch.stack(moments)
         if not a.topk_routing or routing != "topk":  # top-k's depths are its capacities: nothing to report
             stats.update(self._depth_stats(depth))
             sums["depth_counts"] = stats["tokens_per_depth"]  # what the trainer's FLOP counter charges
@@ -674,12 +706,23 @@ class RecursionStack(nn.Module):
                 log.agree.append(_masked_mean((sel == topk_sel).float(), active))
             return sel, gate, bucket_size(int(sel.sum(1).max()), t)
         sel = self._top_k(logits, active, k)
-        self._log_router(log, logits, scores, active, sel, sel, scores >= 0.5, counts)
+        if len(self.routers):  # random scores train nothing: no router loss, no router statistics
+            self._log_router(log, logits, scores, active, sel, sel, scores >= 0.5, counts)
         if len(self.aux_routers):
             aux_logits = self.aux_routers[step](h.detach()).squeeze(-1)
             bce = F.binary_cross_entropy_with_logits(aux_logits, sel.float(), reduction="none")
             log.aux_bce.append(_masked_mean(bce, active))
         return sel, gate, None if k >= t else k
+
+    def _gate_moments(self, sel: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Sums over the tokens `sel` that run a step of their gates (batch, seq, 1): (tokens, c x tokens,
+        sum of g - c, sum of (g - c)^2), about c = alpha / 2, the middle of a gate's range, so that the
+        spread, often a thousandth of the mean, survives float32. Summed over the global batch they give the
+        gate's mean and sd however the batch was split (trainer.gate_stats)."""
+        c = self.args.router_alpha / 2
+        n = sel.sum().float()
+        d = (gate.detach().squeeze(-1).float() - c) * sel
+        return torch.stack([n, c * n, d.sum(), d.square().sum()])
 
     @staticmethod
     def _top_k(logits: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
