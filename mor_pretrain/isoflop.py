@@ -58,6 +58,7 @@ class RunPlan:
     config: str = ""  # written TOML, relative to the plan folder
     variant: str = ""  # model_variant
     seed: int = 0  # training.seed
+    lr: float | None = None  # optimizer.lr, the peak learning rate (None in plans written before it was kept)
 
     @property
     def flops_paper(self) -> float:
@@ -167,6 +168,7 @@ def plan_config(cfg: JobConfig, source: str, budgets: list[float]) -> list[RunPl
             family=model_family(args),
             variant=model_variant(args),
             seed=t.seed,
+            lr=opt.lr,
             source=source,
             budget=b,
             steps=steps,
@@ -206,13 +208,28 @@ def seeded(cfg: JobConfig, seed: int) -> JobConfig:
     return out
 
 
+def at_lr(cfg: JobConfig, lr: float) -> JobConfig:
+    """The config with optimizer.lr = lr, named <name>_lr<lr>."""
+    out = copy.deepcopy(cfg)
+    out.name, out.optimizer.lr = f"{cfg.name}_lr{lr:g}", lr
+    return out
+
+
 def plan_sweep(
-    configs: list[tuple[str, JobConfig]], budgets: list[float], seeds: list[int] | None = None
+    configs: list[tuple[str, JobConfig]],
+    budgets: list[float],
+    seeds: list[int] | None = None,
+    lrs: list[float] | None = None,
 ) -> list[RunPlan]:
-    """Plan every (source path, config) pair over the budgets, and over `seeds` when given (each seed's runs
-    named <name>_s<seed>_<budget>, its cooldowns branched from its own big run); names must be unique."""
+    """Plan every (source path, config) pair over the budgets, at each peak learning rate of `lrs` when given
+    (names get _lr<lr>), and over `seeds` when given (each seed's runs named <name>_s<seed>_<budget>, its
+    cooldowns branched from its own big run), seed by seed; names must be unique."""
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
         raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+    if lrs is not None and (not lrs or len(set(lrs)) != len(lrs) or not all(0 < lr < math.inf for lr in lrs)):
+        raise ValueError(f"learning rates must be distinct positive numbers, got {lrs}")
+    if lrs is not None:
+        configs = [(src, at_lr(cfg, lr)) for src, cfg in configs for lr in lrs]
     pairs = configs if seeds is None else [(src, seeded(cfg, s)) for s in seeds for src, cfg in configs]
     runs = [r for source, cfg in pairs for r in plan_config(cfg, source, budgets)]
     seen: dict[str, str] = {}
@@ -230,6 +247,8 @@ def run_job_config(cfg: JobConfig, run: RunPlan, runs: list[RunPlan]) -> JobConf
     out = copy.deepcopy(cfg)
     out.name = run.name
     out.training.seed = run.seed
+    if run.lr is not None:
+        out.optimizer.lr = run.lr
     out.training.steps = run.steps
     out.optimizer.warmup_fraction = step_fraction(run.warmup_steps, run.steps)
     out.optimizer.decay_fraction = step_fraction(run.decay_steps, run.steps)
@@ -742,6 +761,23 @@ def bootstrap_mean(values: Any, resamples: int = 10_000, seed: int = 0) -> tuple
     return float(x.mean()), float(lo), float(hi)
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """The 95% Student t interval of the mean of per-seed values (n - 1 degrees of freedom); NaNs for n < 2.
+    With few seeds the percentile bootstrap is too narrow (its resampled means vary (n - 1) / n as much as
+    the mean does, and 5 points make poor tails): reports read the wider of the two."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    try:
+        from scipy.stats import t
+    except ImportError:
+        raise ImportError("t intervals need scipy: pip install 'mor-pretrain[plot]'") from None
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    q = float(t.ppf(0.975, n - 1))
+    return mean - q * se, mean + q * se
+
+
 def verdict(lo: float, hi: float, margin: float) -> str:
     """What a 95% interval of a difference allows, with `margin` the largest difference called "the same"."""
     if -margin < lo and hi < margin:
@@ -759,9 +795,11 @@ class Comparison:
     b: str
     seeds: list[int]  # paired: trained by both arms
     mean: float  # a - b, over the paired seeds and the windows
-    lo: float
+    lo: float  # percentile bootstrap over seeds and windows
     hi: float
-    verdict: str
+    t_lo: float  # Student t over the per-seed differences (NaN with one seed)
+    t_hi: float
+    verdict: str  # read from the wider of the two intervals
 
 
 def compare_arms(runs: list[ArmRun], pairs: list[tuple[str, str]], margin: float) -> list[Comparison]:
@@ -785,7 +823,9 @@ def compare_arms(runs: list[ArmRun], pairs: list[tuple[str, str]], margin: float
             raise ValueError(f"{a} and {b}: runs were scored on different numbers of windows {sorted(widths)}")
         diff = np.array([by_arm[a][s].windows for s in seeds]) - np.array([by_arm[b][s].windows for s in seeds])
         mean, lo, hi = bootstrap_mean(diff)
-        out.append(Comparison(a, b, seeds, mean, lo, hi, verdict(lo, hi, margin)))
+        t_lo, t_hi = t_interval(diff.mean(1).tolist())
+        wide = (lo, hi) if math.isnan(t_lo) else (min(lo, t_lo), max(hi, t_hi))
+        out.append(Comparison(a, b, seeds, mean, lo, hi, t_lo, t_hi, verdict(*wide, margin)))
     return out
 
 
@@ -796,14 +836,15 @@ def arm_table(runs: list[ArmRun]) -> str:
     import numpy as np
 
     lines = [
-        "| arm | variant | lr | warmup | tokens | n | seeds | val NLL (64k) mean | 95% CI | sd between seeds "
-        "| window s.e. | trainer's set (16k) | gate mean / sd per step | wall min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | variant | lr | warmup | tokens | n | seeds | val NLL (64k) mean | 95% CI bootstrap | 95% CI t "
+        "| sd between seeds | window s.e. | trainer's set (16k) | gate mean / sd per step | wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in dict.fromkeys(r.arm for r in runs):
         rs = sorted((r for r in runs if r.arm == arm), key=lambda r: r.seed)
         x = np.array([r.windows for r in rs])
         mean, lo, hi = bootstrap_mean(x)
+        t_lo, t_hi = t_interval(x.mean(1).tolist())
         sd = float(x.mean(1).std(ddof=1)) if len(rs) > 1 else math.nan
         se = float((x.std(1, ddof=1) / math.sqrt(x.shape[1])).mean())
         trainer = [r.trainer_val for r in rs if r.trainer_val is not None]
@@ -812,7 +853,8 @@ def arm_table(runs: list[ArmRun]) -> str:
         gates = "; ".join(f"{gate[f'gate_mean/{i}']:.3f} / {gate[f'gate_std/{i}']:.3f}" for i in steps)
         lines.append(
             f"| {arm} | {rs[0].variant} | {rs[0].lr:g} | {rs[0].warmup_steps} | {_si(rs[0].tokens)} | {len(rs)} "
-            f"| {', '.join(str(r.seed) for r in rs)} | {mean:.4f} | {lo:.4f} to {hi:.4f} | {sd:.4f} | {se:.4f} "
+            f"| {', '.join(str(r.seed) for r in rs)} | {mean:.4f} | {lo:.4f} to {hi:.4f} | {t_lo:.4f} to {t_hi:.4f} "
+            f"| {sd:.4f} | {se:.4f} "
             f"| {_num(sum(trainer) / len(trainer) if trainer else None)} | {gates or '-'} "
             f"| {np.mean([r.wall_s for r in rs]) / 60:.1f} |"
         )
@@ -820,11 +862,14 @@ def arm_table(runs: list[ArmRun]) -> str:
 
 
 def comparison_table(comparisons: list[Comparison]) -> str:
-    lines = ["| a | b | paired seeds | a - b | 95% CI | verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| a | b | paired seeds | a - b | 95% CI bootstrap (seeds x windows) | 95% CI t (seeds) | verdict (wider CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in comparisons:
         lines.append(
             f"| {c.a} | {c.b} | {len(c.seeds)} ({', '.join(map(str, c.seeds))}) | {c.mean:+.4f} "
-            f"| {c.lo:+.4f} to {c.hi:+.4f} | {c.verdict} |"
+            f"| {c.lo:+.4f} to {c.hi:+.4f} | {c.t_lo:+.4f} to {c.t_hi:+.4f} | {c.verdict} |"
         )
     return "\n".join(lines)
 

@@ -7,9 +7,9 @@
 #   the rest, seeds 0-2: recursive at lr 3e-3 and 1e-3, constant gate at 1e-3, residual scaling eps = 1/Nr,
 #   MoR expert-threshold.
 # Seed s trains every arm on the same data order (and, where shapes match, the same initial weights). Each
-# run is scored on the same 256 windows (64k tokens) spread over the val split, window by window. Then one
-# gate-study run (2 ranks, as first run) is trained again to show it reproduces. Runs go two at a time, one
-# process each. Every stage skips what is done, so calling it again resumes.
+# run is scored on the same 256 windows (64k tokens) spread over the val split, window by window. One run
+# (gate, seed 0) is trained a second time in another folder to show that the command reproduces its number.
+# Runs go two at a time, one process each. Every stage skips what is done, so calling it again resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/results/paired}
@@ -21,23 +21,23 @@ stage "plan"
     --configs $P/gate.toml $P/mor_topk.toml $P/mor_random.toml
 "$PYTHON" tools/isoflop.py plan --budget 6e12 --seeds 0 1 2 --run-root runs/paired --out sweeps/paired_rest \
     --configs $P/recursive.toml $P/recursive_lr1e-3.toml $P/gate_lr1e-3.toml $P/eps.toml $P/mor_threshold.toml
-"$PYTHON" tools/isoflop.py plan --budget 6e12 --seeds 0 --run-root runs/repro --out sweeps/repro \
-    --configs $S/mor_expert_nr2.toml
+"$PYTHON" tools/isoflop.py plan --budget 6e12 --seeds 0 --run-root runs/repro --out sweeps/repro --configs $P/gate.toml
 
-# Two one-process shards of a plan side by side; the stage fails if either does.
+# Two one-process shards of a plan side by side (the second lane then runs `then`, if given); the stage fails
+# if either lane does.
 two_shards() {
-    NGPU=1 bash scripts/sweep.sh "$1" 0/2 >"$1/shard0.log" 2>&1 &
+    local plan=$1 then=${2:-}
+    NGPU=1 bash scripts/sweep.sh "$plan" 0/2 >"$plan/shard0.log" 2>&1 &
     local first=$!
-    NGPU=1 bash scripts/sweep.sh "$1" 1/2 >"$1/shard1.log" 2>&1 || { wait "$first"; return 1; }
+    { NGPU=1 bash scripts/sweep.sh "$plan" 1/2 && { [[ -z $then ]] || NGPU=1 bash scripts/sweep.sh "$then"; }; } \
+        >"$plan/shard1.log" 2>&1 || { wait "$first"; return 1; }
     wait "$first"
 }
-for plan in sweeps/paired_main sweeps/paired_rest; do
-    stage "sweep $plan (logs: $plan/shard{0,1}.log)"
-    two_shards "$plan" || { tail -n 20 "$plan"/shard*.log >&2; exit 1; }
-    grep -h "finished in" "$plan"/shard*.log || true
-done
-stage "repro: the gate study's MoR expert seed 0, on 2 ranks as it first ran"
-NGPU=2 bash scripts/sweep.sh sweeps/repro
+stage "sweep sweeps/paired_main (logs: sweeps/paired_main/shard{0,1}.log)"
+two_shards sweeps/paired_main || { tail -n 20 sweeps/paired_main/shard*.log >&2; exit 1; }
+stage "sweep sweeps/paired_rest, then the repeat of paired_gate_s0 (logs: sweeps/paired_rest/shard{0,1}.log)"
+two_shards sweeps/paired_rest sweeps/repro || { tail -n 20 sweeps/paired_rest/shard*.log >&2; exit 1; }
+grep -h "finished in" sweeps/paired_*/shard*.log || true
 
 stage "score every run on 256 windows of the val split (two at a time)"
 score() {
@@ -48,7 +48,7 @@ score() {
     mv "$windows.part" "$windows"
 }
 export -f score
-ls -d runs/paired/*/ | xargs -P 2 -I{} bash -c 'score "${1%/}"' _ {}
+ls -d runs/paired/*/ runs/repro/*/ | xargs -P 2 -I{} bash -c 'score "${1%/}"' _ {}
 
 stage "compare"
 "$PYTHON" tools/isoflop.py compare runs/paired/* --margin 0.05 --out "$OUT" \
@@ -58,13 +58,11 @@ stage "compare"
     --pair paired_gate_lr1e3:paired_gate --pair paired_eps:paired_recursive --pair paired_eps:paired_gate \
     --pair paired_mor_threshold:paired_mor_topk --pair paired_mor_topk:paired_recursive
 "$PYTHON" - <<'EOF'
-import json
+from mor_pretrain.isoflop import read_arm_run
 
-from mor_pretrain.isoflop import read_run
-
-first = next(r for r in json.load(open("docs/results/gate/results.json")) if r["name"] == "study_mor_expert_nr2_s0_6e12")
-again = read_run("runs/repro/study_mor_expert_nr2_s0_6e12")
-print(f"repro: val NLL (causal) first run {first['val_loss_causal']:.4f}, again {again.val_loss_causal:.4f}, "
-      f"difference {again.val_loss_causal - first['val_loss_causal']:+.4f}")
+first, again = (read_arm_run(f"{root}/paired_gate_s0_6e12") for root in ("runs/paired", "runs/repro"))
+same = first.windows == again.windows and first.trainer_val == again.trainer_val
+print(f"repeat of paired_gate_s0: 64k val {first.loss:.6f} then {again.loss:.6f}, trainer's set "
+      f"{first.trainer_val:.6f} then {again.trainer_val:.6f}: {'identical' if same else 'DIFFERENT'}")
 EOF
 stage "done: $OUT/paired.md"

@@ -10,10 +10,12 @@ import pytest
 
 from mor_pretrain.config import dump_toml, load_config
 from mor_pretrain.isoflop import (
+    ArmRun,
     arm_name,
     bootstrap_mean,
     budget_groups,
     budget_tag,
+    compare_arms,
     load_plan,
     model_family,
     model_variant,
@@ -23,6 +25,7 @@ from mor_pretrain.isoflop import (
     seed_tables,
     step_fraction,
     suite_average,
+    t_interval,
     verdict,
     write_plan,
     write_report,
@@ -408,6 +411,24 @@ def test_seeded_plans_name_and_seed_every_run(tmp_path):
             plan_sweep(cfgs, [6e18], seeds=bad)
 
 
+def test_a_learning_rate_sweep_names_and_sets_each_rate(tmp_path):
+    cfgs = [("r", cfg_of("recursive_135m")), ("m", cfg_of("mor_135m"))]
+    runs = plan_sweep(cfgs, [2e18], seeds=[0, 1], lrs=[1e-3, 0.01])
+    assert [r.name for r in runs[:4]] == [
+        "recursive_135m_lr0.001_s0_2e18",
+        "recursive_135m_lr0.01_s0_2e18",
+        "mor_135m_lr0.001_s0_2e18",
+        "mor_135m_lr0.01_s0_2e18",
+    ]
+    assert len(runs) == 8 and arm_name(runs[-1].name, 1) == "mor_135m_lr0.01"
+    write_plan(tmp_path, runs, dict(cfgs))
+    assert [load_config(tmp_path / r.config).optimizer.lr for r in load_plan(tmp_path)][:2] == [1e-3, 0.01]
+    assert cfg_of("mor_135m").optimizer.lr == 3e-3  # the source config is left as it was
+    for bad in ([], [1e-3, 1e-3], [0.0], [-1e-3]):
+        with pytest.raises(ValueError, match="learning rates"):
+            plan_sweep(cfgs, [2e18], lrs=bad)
+
+
 def test_seed_table_gives_mean_spread_and_n_per_variant_and_budget(tmp_path):
     runs = [
         fake_run(tmp_path, "rec_s0", "debug_vanilla", {4: 6.0}, flops_per_step=1e12),
@@ -481,6 +502,26 @@ def test_bootstrap_interval_covers_seed_and_window_noise():
         bootstrap_mean([1.0, 2.0])
 
 
+def test_t_interval_and_the_verdict_read_from_the_wider_interval():
+    lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and (hi - lo) / 2 == pytest.approx(4.302653 / math.sqrt(3))
+    assert all(math.isnan(x) for x in t_interval([1.0]))
+
+    def run(arm, seed, loss):
+        return ArmRun(arm, seed, "", "", 3e-3, 20, 1e5, [loss + w for w in (0.0, 0.5, 1.0, 1.5)], None, {}, 0.0)
+
+    # Three seeds whose differences scatter (-0.3, -0.05, -0.01): every resample of the three stays below 0,
+    # the t interval over three seeds does not, so the comparison is not resolved.
+    runs = [run("a", s, 6.0 + d) for s, d in enumerate([-0.3, -0.05, -0.01])] + [run("b", s, 6.0) for s in range(3)]
+    (c,) = compare_arms(runs, [("a", "b")], 0.05)
+    assert c.hi < 0 < c.t_hi and c.verdict == "not resolved"
+    assert c.mean == pytest.approx(-0.36 / 3) and c.seeds == [0, 1, 2]
+    (one,) = compare_arms(runs[:1] + runs[3:4], [("a", "b")], 0.05)  # one seed: the bootstrap's alone
+    assert math.isnan(one.t_lo) and one.verdict == "lower by more than 0.05"
+    with pytest.raises(ValueError, match="share no seed"):
+        compare_arms([runs[0], run("b", 7, 6.0)], [("a", "b")], 0.05)
+
+
 def test_verdicts_read_the_interval_against_the_margin():
     assert verdict(-0.03, 0.04, 0.05) == "the same (within +-0.05)"
     assert verdict(-0.3, -0.1, 0.05) == "lower by more than 0.05"
@@ -545,3 +586,22 @@ def test_paired_report_compares_arms_seed_by_seed(tmp_path, capsys):
     assert "no runs of arm nope" in capsys.readouterr().err
     assert isoflop_cli("compare", *dirs, "--pair", "arm_a") == 2
     assert "ARM_A:ARM_B" in capsys.readouterr().err
+
+
+def test_the_gpu_experiments_arms_are_the_135m_configs_with_one_change_each():
+    folder = ROOT / "train_configs/study/paired_135m"
+    cfgs = {p.stem: load_config(p) for p in folder.glob("*.toml")}
+    rec, mor = cfg_of("recursive_135m"), cfg_of("mor_135m")
+    assert sorted(cfgs) == ["gate", "mor_random", "mor_topk", "recursive"]
+    for name, cfg in cfgs.items():
+        source = mor if name.startswith("mor") else rec
+        assert cfg.name == f"paired135m_{name}"
+        assert (cfg.training, cfg.optimizer, cfg.data, cfg.parallelism) == (
+            source.training,
+            source.optimizer,
+            source.data,
+            source.parallelism,
+        )
+    assert cfgs["recursive"].model == rec.model and cfgs["mor_topk"].model == mor.model
+    assert cfgs["gate"].model == dataclasses.replace(rec.model, recursion_gate=0.05)
+    assert cfgs["mor_random"].model == dataclasses.replace(mor.model, expert_rule="random")

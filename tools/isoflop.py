@@ -2,7 +2,7 @@
 
   python tools/isoflop.py plan --budget 2e18 1e18 --configs train_configs/vanilla_360m.toml \\
       train_configs/mor_360m.toml [--global-batch-size N] [--seq-len N] [--run-root DIR] [--out DIR]
-      [--gpu H100 [--gpus 8]] [--section.key=value ...]
+      [--seeds 0 1 2] [--lr 1e-3 3e-3] [--gpu H100 [--gpus 8]] [--section.key=value ...]
   python tools/isoflop.py report RUN_DIR [RUN_DIR ...] [--out DIR]
   python tools/isoflop.py compare RUN_DIR [RUN_DIR ...] --pair A:B [--pair C:D ...] [--margin 0.05] [--out DIR]
 
@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     for path, cfg in configs.items():
         if cfg.training.val_interval == 0:
             print(f"warning: {path}: training.val_interval = 0, its runs log no validation loss", file=sys.stderr)
-    runs = plan_sweep(list(configs.items()), args.budget, args.seeds)
+    runs = plan_sweep(list(configs.items()), args.budget, args.seeds, args.lr)
     if args.gpu is not None:  # the dry run traces one step per config at the sweep's GPU count
         from mor_pretrain.isoflop import gpu_hours, gpu_hours_table, step_seconds
 
@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         help="plan every config once per training seed (names get _s<seed>)",
+    )
+    pp.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="plan every config at each of these peak learning rates (names get _lr<lr>)",
     )
     pp.add_argument("--global-batch-size", type=int, default=None, help="sequences per step; default: config's")
     pp.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: config's")
