@@ -543,12 +543,17 @@ def train(cfg: JobConfig) -> TrainState:
         print(f"run folder {cfg.run_dir} | TensorBoard: tensorboard --logdir {cfg.folder.tb}", flush=True)
     first_step, skipped_at_start = state.step, state.skipped_steps
     window = LogWindow()
-    train_iter = iter(train_loader)
+    with torch.random.fork_rng(devices=[]):
+        train_iter = iter(train_loader)
     stopped = False
     while state.step < t.steps and not stopped:
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
         fetch = time.perf_counter()
-        micro_batches = batches(train_iter, accum)
+        # Fetching never moves torch's generator (a loader draws its workers' seed when it first iterates,
+        # which a resumed run does at another point of the stream): only the model's draws do, so a
+        # resumed run continues random routing's draws bit for bit.
+        with torch.random.fork_rng(devices=[]):
+            micro_batches = batches(train_iter, accum)
         window.data_s += time.perf_counter() - fetch
         losses, grad_norm, skipped = train_step(model, optimizer, scheduler, micro_batches, par, cfg)
         state.step += 1
