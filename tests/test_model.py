@@ -402,17 +402,21 @@ def test_expert_threshold_step_that_nobody_reaches_keeps_the_loss_finite():
     assert out.stats["score_selected"] < out.stats["score_unselected"]  # step 1 selected nobody: its sum is 0
 
 
-def test_recursion_gate_is_mors_update_with_a_constant_gate():
-    model = tiny_model(router="none", recursion_gate=0.3)
-    x = torch.randint(0, 97, (2, 12))
-    r = model.rope[:12][None, None]
+def logits_by_hand(model, x, update):
+    """The fixed-depth model's logits with each recursion step written out: h <- update(h, f(h))."""
+    r = model.rope[: x.shape[1]][None, None]
     h, _ = model.first(model.tok_embeddings(x), r)
     for _ in range(model.args.num_recursions):
         f, _ = model.stack.apply_once(h, r, None)
-        h = h + 0.3 * f
+        h = update(h, f)
     h, _ = model.last(h, r)
-    expect = torch.nn.functional.linear(model.norm(h), model.head_weight())
-    torch.testing.assert_close(model(x).logits, expect)
+    return torch.nn.functional.linear(model.norm(h), model.head_weight())
+
+
+def test_recursion_gate_is_mors_update_with_a_constant_gate():
+    model = tiny_model(router="none", recursion_gate=0.3)
+    x = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(model(x).logits, logits_by_hand(model, x, lambda h, f: h + 0.3 * f))
     assert model.stack.gated and not tiny_model(router="none").stack.gated
     assert not model.args.llama_equivalent
 
@@ -420,14 +424,7 @@ def test_recursion_gate_is_mors_update_with_a_constant_gate():
 def test_residual_scale_scales_the_stacks_residual_branch():
     model = tiny_model(router="none", residual_scale=0.25)
     x = torch.randint(0, 97, (2, 12))
-    r = model.rope[:12][None, None]
-    h, _ = model.first(model.tok_embeddings(x), r)
-    for _ in range(model.args.num_recursions):
-        f, _ = model.stack.apply_once(h, r, None)
-        h = h + 0.25 * (f - h)
-    h, _ = model.last(h, r)
-    expect = torch.nn.functional.linear(model.norm(h), model.head_weight())
-    torch.testing.assert_close(model(x).logits, expect)
+    torch.testing.assert_close(model(x).logits, logits_by_hand(model, x, lambda h, f: h + 0.25 * (f - h)))
     assert not model.stack.gated and not model.args.llama_equivalent
     # eps = 1 is the plain recursion, h <- f(h).
     plain, one = tiny_model(router="none"), tiny_model(router="none", residual_scale=1.0)
